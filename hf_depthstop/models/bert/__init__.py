@@ -1,0 +1,5 @@
+from .configuration_depthstop_bert import DepthStopBertConfig
+from .modeling_depthstop_bert import DepthStopBertForSequenceClassification
+
+
+__all__ = ["DepthStopBertConfig", "DepthStopBertForSequenceClassification"]

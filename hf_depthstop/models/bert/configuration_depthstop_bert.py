@@ -1,0 +1,95 @@
+# Copyright 2026 The hf_depthstop authors. Licensed under the Apache License, Version 2.0.
+"""Configuration of the early-exit BERT classifier."""
+
+from dataclasses import field
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import BertConfig
+
+from ...stopping import validate_rule
+
+
+EXIT_POOLINGS = ("cls", "mean")
+# Checkpoint `model_type`s this config can be built from: any BERT checkpoint, or one of ours.
+COMPATIBLE_MODEL_TYPES = ("bert", "depthstop_bert")
+
+
+@strict
+class DepthStopBertConfig(BertConfig):
+    r"""
+    [`BertConfig`] plus the exits and the stopping rule. Every BERT checkpoint's config loads into it.
+
+    Args:
+        exit_layers (`list[int]`, *optional*):
+            0-based indices of the layers after which an exit head sits (`k` means "after layer k"). Defaults to
+            every layer. Sorted on load; the last layer is always an exit (added if missing).
+        exit_pooling (`str`, *optional*, defaults to `"cls"`):
+            How an exit head pools the sequence: `"cls"` (first token; the final exit then uses BERT's dense+tanh
+            pooler, exactly as [`BertForSequenceClassification`]) or `"mean"` (masked mean over real tokens, no
+            pooler; right for sentence encoders such as all-MiniLM-L6-v2, trained mean-pooled).
+        stopping_rule (`str`, *optional*, defaults to `"none"`):
+            Inference stopping rule, see [`hf_depthstop.stopping`]: `none`, `static`, `entropy`, `confidence`,
+            `patience`, `asti_bound`, `asti`.
+        stopping_params (`dict`, *optional*):
+            The rule's keyword parameter, e.g. `{"threshold": 0.9}` for `confidence`.
+        calibration (`dict`, *optional*):
+            Written by [`hf_depthstop.calibrate`]: per-exit temperatures, the ASTI estimator's coefficients, the
+            calibrated setting of each rule and the accuracy/compute table. JSON-serialisable, so it travels with
+            `save_pretrained` / `push_to_hub`.
+
+    Example:
+
+    ```python
+    >>> from hf_depthstop import DepthStopBertConfig, DepthStopBertForSequenceClassification
+    >>> config = DepthStopBertConfig(num_hidden_layers=4, exit_layers=[1, 3], num_labels=3)
+    >>> model = DepthStopBertForSequenceClassification(config)
+    ```
+    """
+
+    model_type = "depthstop_bert"
+
+    exit_layers: list[int] | None = None
+    exit_pooling: str = "cls"
+    stopping_rule: str = "none"
+    stopping_params: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        num_layers = self.num_hidden_layers
+        if self.exit_layers is None:
+            self.exit_layers = list(range(num_layers))
+        layers = list(self.exit_layers)
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+                raise ValueError(
+                    f"exit_layers entries must be 0-based layer indices in [0, {num_layers - 1}] "
+                    f"(num_hidden_layers={num_layers}), got {layer!r} in exit_layers={layers}"
+                )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"exit_layers must not contain duplicates, got exit_layers={layers}")
+        layers = sorted(layers)
+        if layers[-1] != num_layers - 1:
+            layers.append(num_layers - 1)  # the final layer is always an exit: it is the full model
+        self.exit_layers = layers
+        if self.exit_pooling not in EXIT_POOLINGS:
+            raise ValueError(f"exit_pooling must be one of {EXIT_POOLINGS}, got {self.exit_pooling!r}")
+        self.stopping_params = validate_rule(
+            self.stopping_rule, dict(self.stopping_params or {}), self.exit_layers, self.calibration
+        )
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type not in COMPATIBLE_MODEL_TYPES:
+            raise ValueError(
+                f"{pretrained_model_name_or_path!r} is not a BERT checkpoint: its config has model_type={model_type!r}, "
+                f"expected one of {COMPATIBLE_MODEL_TYPES}"
+            )
+        config_dict["model_type"] = cls.model_type  # a stock BERT config becomes ours without a mismatch warning
+        return config_dict, kwargs
+
+
+__all__ = ["DepthStopBertConfig"]
