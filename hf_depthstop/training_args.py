@@ -1,0 +1,98 @@
+# Copyright 2026 The hf_depthstop authors. Licensed under the Apache License, Version 2.0.
+"""Training arguments of [`DepthStopTrainer`]: every knob of the exit losses and of L_depth."""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .losses import DEPTH_TERMS, EXIT_WEIGHTINGS, DepthLossSpec
+from .models.bert.modeling_depthstop_bert import EXIT_GRADIENT_MODES
+
+
+# The defaults below are the winner of the L_depth ablation (benchmarks/ablation_ldepth.py, results in
+# benchmarks/results/ablation_ldepth.md): see README "Choosing the default".
+_DEFAULTS = DepthLossSpec()
+
+
+@dataclass
+class DepthStopTrainingArguments(TrainingArguments):
+    r"""
+    [`TrainingArguments`] plus the early-exit training loss.
+
+    > Exit losses
+
+    exit_weighting, early_exit_weight, exit_gradient
+
+    > The depth regularizer L_depth (total loss = sum_l w_l CE_l + depth_loss_weight * L_depth)
+
+    depth_loss_weight, depth_terms, compute_cost, stop_sharpness, stop_threshold, distill_temperature
+
+    See [`hf_depthstop.losses`] for the formulas.
+    """
+
+    exit_weighting: str = field(
+        default=_DEFAULTS.exit_weighting,
+        metadata={
+            "help": "Weights of the per-exit cross-entropies: uniform, linear (proportional to depth, PABEE), "
+            "final_heavy (final exit 1, others early_exit_weight) or final_only (plain fine-tuning).",
+            "choices": list(EXIT_WEIGHTINGS),
+        },
+    )
+    early_exit_weight: float = field(
+        default=_DEFAULTS.early_exit_weight,
+        metadata={"help": "Weight of each non-final exit's cross-entropy under exit_weighting=final_heavy."},
+    )
+    exit_gradient: str = field(
+        default="full",
+        metadata={
+            "help": "How non-final exits' losses reach the backbone: full (joint training), detach (exit heads train "
+            "on frozen features; the backbone gets only the final loss: two-stage training run concurrently) or "
+            "equilibrium (gradient equilibrium: rescale each exit's gradient into the shared trunk).",
+            "choices": list(EXIT_GRADIENT_MODES),
+        },
+    )
+    depth_loss_weight: float = field(
+        default=_DEFAULTS.depth_loss_weight,
+        metadata={"help": "lambda, the weight of L_depth. 0 gives plain multi-exit training."},
+    )
+    depth_terms: str = field(
+        default=",".join(_DEFAULTS.depth_terms),
+        metadata={
+            "help": f"Comma-separated L_depth terms among {', '.join(DEPTH_TERMS)} ('none' for no term): stop = soft "
+            "optimal-stopping cost, distill = KL from the final exit to earlier exits, dr = diminishing-returns "
+            "penalty on the relative residual norms."
+        },
+    )
+    compute_cost: float = field(
+        default=_DEFAULTS.compute_cost,
+        metadata={"help": "c, the price of the full model's compute in loss units (used by the stop term)."},
+    )
+    stop_sharpness: float = field(
+        default=_DEFAULTS.stop_sharpness,
+        metadata={"help": "kappa of the soft stop probability sigmoid(kappa * (confidence - stop_threshold))."},
+    )
+    stop_threshold: float = field(
+        default=_DEFAULTS.stop_threshold, metadata={"help": "Confidence at which the soft stop probability is 1/2."}
+    )
+    distill_temperature: float = field(
+        default=_DEFAULTS.distill_temperature, metadata={"help": "Softmax temperature of the distill term."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.exit_gradient not in EXIT_GRADIENT_MODES:
+            raise ValueError(f"exit_gradient must be one of {EXIT_GRADIENT_MODES}, got {self.exit_gradient!r}")
+        self.depth_loss_spec()  # validates every loss field, naming the field and value
+
+    def depth_loss_spec(self) -> DepthLossSpec:
+        """The [`DepthLossSpec`] these arguments describe."""
+        return DepthLossSpec(
+            exit_weighting=self.exit_weighting,
+            early_exit_weight=self.early_exit_weight,
+            depth_loss_weight=self.depth_loss_weight,
+            depth_terms=self.depth_terms,
+            compute_cost=self.compute_cost,
+            stop_sharpness=self.stop_sharpness,
+            stop_threshold=self.stop_threshold,
+            distill_temperature=self.distill_temperature,
+        )
