@@ -27,6 +27,8 @@ class DepthStopSequenceClassifierOutput(SequenceClassifierOutput):
         exit_compute_fractions (`torch.FloatTensor` of shape `(batch_size, num_exits)`, *optional*):
             C_l, the fraction of full-model FLOPs spent when stopping at each exit with every earlier head evaluated
             (training path only).
+        exit_state_norms (`torch.FloatTensor` of shape `(batch_size, num_exits)`, *optional*):
+            ||pool(h_l)|| at each exit layer (training path only; used by the `asti_bound` rule's calibration).
         exit_layer (`torch.LongTensor` of shape `(batch_size,)`):
             0-based index of the layer whose exit produced `logits` (`num_hidden_layers - 1` means full depth).
         compute_fraction (`torch.FloatTensor` of shape `(batch_size,)`):
@@ -36,5 +38,6 @@ class DepthStopSequenceClassifierOutput(SequenceClassifierOutput):
     exit_logits: torch.FloatTensor | None = None
     exit_residual_ratios: torch.FloatTensor | None = None
     exit_compute_fractions: torch.FloatTensor | None = None
+    exit_state_norms: torch.FloatTensor | None = None
     exit_layer: torch.LongTensor | None = None
     compute_fraction: torch.FloatTensor | None = None

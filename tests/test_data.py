@@ -1,4 +1,4 @@
-# Copyright 2025 The hf_depthstop Authors. Licensed under the Apache License, Version 2.0.
+# Copyright 2026 The hf_depthstop authors. Licensed under the Apache License, Version 2.0.
 import importlib.util
 import json
 import os

@@ -1,4 +1,4 @@
-# Copyright 2025 The hf_depthstop Authors. Licensed under the Apache License, Version 2.0.
+# Copyright 2026 The hf_depthstop authors. Licensed under the Apache License, Version 2.0.
 """Accuracy of an early-exit classifier together with the depth and compute it used."""
 
 # `evaluate` copies this file into its modules cache and imports it from there, so it must stay self-contained: it may

@@ -263,7 +263,7 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
         exit_layers = config.exit_layers
         num_exits = len(exit_layers)
         mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
-        exit_logits, ratios = [], []
+        exit_logits, ratios, norms = [], [], []
         k = 0
         for layer_index, layer in enumerate(self.bert.encoder.layer):
             is_exit = layer_index == exit_layers[k]
@@ -284,6 +284,7 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
             ratios.append(
                 (pooled - pooled_prev).norm(dim=-1) / pooled_prev.norm(dim=-1).clamp_min(1e-6)
             )  # (batch,)
+            norms.append(pooled.detach().norm(dim=-1))
             exit_logits.append(self._head(k, pooled))
             k += 1
         exit_logits = torch.stack(exit_logits, dim=1)  # (batch, num_exits, num_labels)
@@ -302,6 +303,7 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
             exit_logits=exit_logits,
             exit_residual_ratios=ratios,
             exit_compute_fractions=fractions,
+            exit_state_norms=torch.stack(norms, dim=1),
             exit_layer=torch.full((batch,), exit_layers[-1], dtype=torch.long, device=exit_logits.device),
             compute_fraction=fractions[:, -1],
         )
