@@ -266,7 +266,7 @@ def _outcome(records: ExitRecords, exit_pos: torch.Tensor, single_head: bool) ->
     }
 
 
-def _candidates(name: str, observations: list[ExitObservation], oof: np.ndarray | None, lipschitz, num_labels, exit_layers):
+def _candidates(name: str, observations: list[ExitObservation], oof: np.ndarray | None, lipschitz, exit_layers):
     """Parameter grids, ordered from the most conservative (most compute) to the most aggressive."""
     if name == "static":
         return [float(layer) for layer in reversed(exit_layers)]
@@ -345,6 +345,7 @@ def calibrate(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = False,
+    reference_accuracy: float | None = None,
 ) -> CalibrationReport:
     """Calibrate every stopping rule of `model` on `dataset` and switch the model to `rule` at its setting.
 
@@ -360,6 +361,8 @@ def calibrate(
         asti_estimator (`str`, defaults to `"same_prediction"`): or `"longstaff_schwartz"`.
         batch_size (`int`, defaults to 64), seed (`int`, defaults to 0): cross-fitting folds' seed.
         progress (`bool`, defaults to `False`): show a progress bar.
+        reference_accuracy (`float`, *optional*): the accuracy `max_accuracy_drop` is measured from (e.g. a plain
+            fine-tune's accuracy on the same split); defaults to the model's own full-depth accuracy.
 
     Returns:
         [`CalibrationReport`]; the same numbers are stored in `model.config.calibration`.
@@ -382,39 +385,69 @@ def calibrate(
         raise ValueError(f"calibration needs at least 2 exits, got exit_layers={model.config.exit_layers}")
 
     records = collect_exit_records(model, dataset, batch_size=batch_size, progress=progress)
+    calibration = calibrate_records(
+        records, model._exit_lipschitz(), target=target, target_type=target_type, epsilon=epsilon,
+        asti_estimator=asti_estimator, seed=seed, reference_accuracy=reference_accuracy,
+    )
+    model.config.calibration = calibration
+    if rule == "none":
+        model.set_stopping_rule("none")
+    else:
+        model.set_stopping_rule(rule, **calibration["settings"][rule])
+    logger.info(f"calibrated on {len(records)} examples; rule {rule} at {calibration['settings'].get(rule)}")
+    return CalibrationReport(
+        rule, target_type, float(target), calibration["full_accuracy"], calibration["table"],
+        calibration["settings"], calibration["oracle_floor"], calibration["temperatures"],
+    )
+
+
+def calibrate_records(
+    records: ExitRecords,
+    lipschitz: list[float],
+    target: float = 0.01,
+    target_type: str = "max_accuracy_drop",
+    epsilon: float = 0.1,
+    asti_estimator: str = "same_prediction",
+    seed: int = 0,
+    reference_accuracy: float | None = None,
+) -> dict:
+    """[`calibrate`] on already collected [`ExitRecords`]; returns the `config.calibration` dict.
+
+    `reference_accuracy` (e.g. a plain fine-tune's accuracy on the same split) replaces the model's own full-depth
+    accuracy as the reference of `max_accuracy_drop`.
+    """
     temperatures = fit_temperatures(records.exit_logits, records.labels)
     observations = build_observations(records, temperatures)
     full = _outcome(records, torch.full((len(records),), len(records.exit_layers) - 1), single_head=True)
     full_accuracy = full["accuracy"]
+    reference = dict(full, accuracy=reference_accuracy) if reference_accuracy is not None else full
 
     if asti_estimator == "same_prediction":
         asti_model, oof = fit_asti(observations, seed=seed)
     else:
         correct = np.stack([(o.prediction == records.labels).numpy() for o in observations], 1).astype(float)
         feats = [asti_features(o).double().numpy() for o in observations[:-1]]
-        # the payoff's compute price: 1 point of accuracy per full model, scaled by the target tolerance
+        # the payoff's price of compute: the tolerated drop per full model
         ls_cost = max(target, 1e-3) if target_type != "compute_budget" else 0.01
         asti_model = _fit_longstaff_schwartz(feats, correct, records.exit_compute_fractions.numpy(), ls_cost)
         asti_model["estimator"] = "longstaff_schwartz"
         probe = AstiStop(0.0, asti_model)
         oof = np.stack([probe.probability_same(o).numpy() for o in observations[:-1]], 1)
-    lipschitz = model._exit_lipschitz()
 
     table, settings = [], {}
     for name in CALIBRATED_RULES:
         if name == "asti" and asti_estimator == "longstaff_schwartz":
             grid = [0.5]  # the LS rule has its cost inside the regressions; it stops iff payoff >= continuation
         else:
-            grid = _candidates(name, observations, oof, lipschitz, model.config.num_labels, records.exit_layers)
+            grid = _candidates(name, observations, oof, lipschitz, records.exit_layers)
         outcomes = []
         for value in grid:
-            param = {RULE_PARAMETERS[name]: value}
             if name == "asti":
                 stopper = _PrecomputedAsti(value, oof)
             else:
-                stopper = build_rule(name, param, None, lipschitz)
+                stopper = build_rule(name, {RULE_PARAMETERS[name]: value}, None, lipschitz)
             outcomes.append(_outcome(records, simulate_exits(stopper, observations), single_head=name == "static"))
-        chosen = _choose(outcomes, full, target, target_type, epsilon)
+        chosen = _choose(outcomes, reference, target, target_type, epsilon)
         value = grid[chosen]
         if name in ("static", "patience"):
             value = int(value)
@@ -422,12 +455,12 @@ def calibrate(
         table.append(_row(name, value, outcomes[chosen], full_accuracy))
 
     none_row = _row("none", None, full, full_accuracy)
-    oracle = _oracle_floor(records, observations)
-    oracle_row = _row("oracle floor", None, oracle, full_accuracy)
-    calibration = {
+    oracle_row = _row("oracle floor", None, _oracle_floor(records, observations), full_accuracy)
+    return {
         "target_type": target_type,
         "target": float(target),
         "epsilon": float(epsilon),
+        "reference_accuracy": reference["accuracy"],
         "num_examples": len(records),
         "full_accuracy": full_accuracy,
         "temperatures": temperatures,
@@ -436,15 +469,21 @@ def calibrate(
         "table": [none_row, *table],
         "oracle_floor": oracle_row,
     }
-    model.config.calibration = calibration
+
+
+def evaluate_records(records: ExitRecords, calibration: dict, lipschitz: list[float], rule: str, params: dict) -> dict:
+    """Offline outcome of one rule on (held-out) records, with the calibration's temperatures and ASTI model.
+
+    Returns:
+        `dict` with `accuracy`, `mean_exit_layer`, `compute_fraction`, `correct` (per example) and `exit_pos`.
+    """
+    observations = build_observations(records, calibration["temperatures"])
+    if rule == "oracle floor":
+        return _oracle_floor(records, observations)
     if rule == "none":
-        model.set_stopping_rule("none")
-    else:
-        model.set_stopping_rule(rule, **settings[rule])
-    logger.info(f"calibrated {len(records)} examples; rule {rule} at {settings.get(rule)}")
-    return CalibrationReport(
-        rule, target_type, float(target), full_accuracy, [none_row, *table], settings, oracle_row, temperatures
-    )
+        return _outcome(records, torch.full((len(records),), len(records.exit_layers) - 1), single_head=True)
+    stopper = build_rule(rule, params, calibration, lipschitz)
+    return _outcome(records, simulate_exits(stopper, observations), single_head=rule == "static")
 
 
 def _choose(outcomes: list[dict], full: dict, target: float, target_type: str, epsilon: float) -> int:
