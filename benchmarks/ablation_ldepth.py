@@ -91,7 +91,6 @@ def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def analyse(blobs: dict) -> tuple[str, dict]:
-    plain = blobs["plain"]
     recs = {n: (ExitRecords(**b["val"]), ExitRecords(**b["test"])) for n, b in blobs.items()}
     p_val, p_test = recs["plain"]
     last = len(p_val.exit_layers) - 1
