@@ -1,0 +1,57 @@
+# Copyright 2026 The hf_depthstop authors. Licensed under the Apache License, Version 2.0.
+"""Tiny configs and a tiny learnable task shared by the tests."""
+
+import datasets
+import torch
+
+from hf_depthstop import DepthStopBertConfig, DepthStopBertForSequenceClassification, DepthStopTrainer, DepthStopTrainingArguments
+
+
+def tiny_bert_config(**kwargs) -> DepthStopBertConfig:
+    values = dict(
+        vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, num_labels=3,
+    )
+    values.update(kwargs)
+    return DepthStopBertConfig(**values)
+
+
+def tiny_task(n: int, seed: int = 0, min_len: int = 4, max_len: int = 12) -> datasets.Dataset:
+    """Sequences of random tokens; the label is the count of 'marker' tokens (< 10) among the first 3, mod 3,
+    so some examples are easy (decided early) and the padding lengths differ."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=g)
+    ids, labels = [], []
+    for length in lengths.tolist():
+        x = torch.randint(1, 99, (length,), generator=g)
+        ids.append(x.tolist())
+        labels.append(int((x[:3] < 34).sum()) % 3)
+    return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "label": labels})
+
+
+def train_tiny_model(tmp_dir: str, steps: int = 60, seed: int = 0, **config_kwargs):
+    """A tiny early-exit BERT trained for a few dozen steps on `tiny_task` (seconds on CPU)."""
+    torch.manual_seed(seed)
+    model = DepthStopBertForSequenceClassification(tiny_bert_config(**config_kwargs))
+    train = tiny_task(512, seed=seed)
+    args = DepthStopTrainingArguments(
+        tmp_dir, per_device_train_batch_size=32, max_steps=steps, learning_rate=3e-3, report_to="none",
+        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=seed, exit_weighting="uniform", logging_steps=10,
+    )
+    trainer = DepthStopTrainer(model=model, args=args, train_dataset=train, data_collator=_pad_collator)
+    trainer.train()
+    return trainer.model.eval(), trainer
+
+
+def _pad_collator(features):
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), width, dtype=torch.long)
+    mask = torch.zeros(len(features), width, dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([f["label"] for f in features])}
+
+
+pad_collator = _pad_collator
