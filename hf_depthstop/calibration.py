@@ -159,8 +159,8 @@ def fit_temperatures(exit_logits: torch.Tensor, labels: torch.Tensor) -> list[fl
     grid = torch.logspace(math.log10(0.05), math.log10(20.0), 241)
     temps = []
     for k in range(exit_logits.shape[1]):
-        z = exit_logits[:, k].float()
-        nll = torch.stack([torch.nn.functional.cross_entropy(z / t, labels) for t in grid])
+        logp = (exit_logits[:, k].float()[None] / grid[:, None, None]).log_softmax(-1)  # (grid, n, C)
+        nll = -logp.gather(2, labels[None, :, None].expand(len(grid), -1, 1)).mean((1, 2))
         temps.append(float(grid[int(nll.argmin())]))
     return temps
 

@@ -70,7 +70,7 @@ class DepthStopBertConfig(BertConfig):
         if len(set(layers)) != len(layers):
             raise ValueError(f"exit_layers must not contain duplicates, got exit_layers={layers}")
         layers = sorted(layers)
-        if layers[-1] != num_layers - 1:
+        if not layers or layers[-1] != num_layers - 1:
             layers.append(num_layers - 1)  # the final layer is always an exit: it is the full model
         self.exit_layers = layers
         if self.exit_pooling not in EXIT_POOLINGS:

@@ -115,6 +115,16 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
                     f"num_labels={num_labels} does not match the checkpoint's classification head ({saved} labels) "
                     f"in {pretrained_model_name_or_path!r}; pass ignore_mismatched_sizes=True to re-initialise the heads"
                 )
+        requested = kwargs.get("exit_layers")
+        if requested is not None and "config" not in kwargs:
+            config_dict, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path)
+            saved = config_dict.get("exit_layers")
+            if saved is not None and sorted(set(requested) | {config_dict["num_hidden_layers"] - 1}) != saved:
+                raise ValueError(
+                    f"exit_layers={requested} differs from the checkpoint's exit_layers={saved}: exit heads are stored "
+                    "by position, so they would land on the wrong layers. Load with the saved exit layers, or from "
+                    "the backbone checkpoint the heads were not trained on"
+                )
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -275,7 +285,7 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
             branch = hidden
             if k < num_exits - 1:
                 if exit_gradient == "detach":
-                    branch = hidden.detach()
+                    branch, pooled_prev = hidden.detach(), pooled_prev.detach()
                 elif exit_gradient == "equilibrium":
                     # gradient equilibrium: the k-th exit and the trunk after it share the gradient into layer k
                     branch = _ScaleGradient.apply(hidden, 1.0 / (num_exits - k))
