@@ -661,3 +661,11 @@ def test_loading_with_other_exit_layers_is_refused(tmp_path):
         DepthStopBertForSequenceClassification.from_pretrained(tmp_path, exit_layers=[1, 3])
     same = DepthStopBertForSequenceClassification.from_pretrained(tmp_path, exit_layers=[0, 1, 2])
     assert same.config.exit_layers == [0, 1, 2, 3]
+
+
+def test_from_pretrained_overrides_are_validated(tmp_path):
+    make_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="exit_pooling.*max"):
+        DepthStopBertForSequenceClassification.from_pretrained(tmp_path, exit_pooling="max")
+    with pytest.raises(ValueError, match="stopping_rule.*halting"):
+        DepthStopBertForSequenceClassification.from_pretrained(tmp_path, stopping_rule="halting")

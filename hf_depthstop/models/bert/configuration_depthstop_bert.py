@@ -57,6 +57,13 @@ class DepthStopBertConfig(BertConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self.validate_exits()
+
+    def validate_exits(self) -> None:
+        """Normalise `exit_layers` and check the exit fields; `ValueError` naming the field and value otherwise.
+
+        Runs at construction and again when a model is built, because `from_pretrained(..., **kwargs)` sets
+        overriding attributes after construction."""
         num_layers = self.num_hidden_layers
         if self.exit_layers is None:
             self.exit_layers = list(range(num_layers))

@@ -86,6 +86,7 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
     _supports_attention_backend = True
 
     def __init__(self, config: DepthStopBertConfig):
+        config.validate_exits()
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=config.exit_pooling == "cls")
