@@ -8,6 +8,8 @@ us: the formulas are this project's own derivation from its stated theorem.
 
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from .calibration import CalibrationReport, calibrate
+from .evaluation import compare_rules
 from .losses import DepthLossSpec, depth_stop_loss
 from .modeling_outputs import DepthStopSequenceClassifierOutput
 from .models.bert import DepthStopBertConfig, DepthStopBertForSequenceClassification
@@ -26,6 +28,7 @@ AutoModelForSequenceClassification.register(
 
 __all__ = [
     "STOPPING_RULES",
+    "CalibrationReport",
     "DepthLossSpec",
     "DepthStopBertConfig",
     "DepthStopBertForSequenceClassification",
@@ -33,5 +36,7 @@ __all__ = [
     "DepthStopTrainer",
     "DepthStopTrainingArguments",
     "__version__",
+    "calibrate",
+    "compare_rules",
     "depth_stop_loss",
 ]

@@ -245,11 +245,11 @@ class _PrecomputedAsti(AstiStop):
 
     def __init__(self, cost: float, probabilities: np.ndarray):
         self.cost = float(cost)
-        self.probabilities = torch.as_tensor(probabilities, dtype=torch.float32)
+        self.probabilities = torch.as_tensor(probabilities, dtype=torch.float64)
 
     def probability_same(self, obs: ExitObservation) -> torch.Tensor:
         if obs.exit_index >= self.probabilities.shape[1]:
-            return torch.ones_like(obs.max_prob)
+            return torch.ones_like(obs.max_prob, dtype=torch.float64)
         return self.probabilities[:, obs.exit_index]
 
 

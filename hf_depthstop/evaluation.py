@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import iterate_batches
+from .calibration import CALIBRATED_RULES, iterate_batches
 from .stopping import RULE_PARAMETERS
 
 
@@ -15,7 +15,8 @@ def rules_from_calibration(model, include_none: bool = True) -> dict[str, dict]:
     """`{rule: params}` for every calibrated rule of `model` (plus `none`)."""
     calibration = model.config.calibration or {}
     rules = {"none": {}} if include_none else {}
-    rules.update({name: dict(params) for name, params in calibration.get("settings", {}).items()})
+    settings = calibration.get("settings", {})
+    rules.update({name: dict(settings[name]) for name in CALIBRATED_RULES if name in settings})
     return rules
 
 
@@ -53,6 +54,8 @@ def compare_rules(
 ) -> list[dict]:
     """Evaluate every rule on `dataset`, timing them alternately (`repeats` rounds, rotated order, median seconds).
 
+    Each rule first runs one untimed warm-up pass over up to 4 batches, so no rule pays the cold start.
+
     Returns:
         One row per rule: `rule`, `setting`, `accuracy`, `mean_exit_layer` (0-based), `compute_fraction`,
         `seconds` (median), `speedup` (median seconds of `none` / this rule's; present when `none` is in `rules`).
@@ -60,6 +63,9 @@ def compare_rules(
     names = list(rules)
     times = {name: [] for name in names}
     results = {}
+    warmup = dataset.select(range(min(len(dataset), 4 * batch_size)))
+    for name in names:
+        run_rule(model, warmup, name, rules[name], batch_size)
     bar = tqdm(total=repeats * len(names), disable=not progress, desc=f"rules (batch {batch_size})")
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]

@@ -258,18 +258,20 @@ class AstiStop:
 
     def __init__(self, cost: float, model: dict):
         self.cost = float(cost)
-        self.mean = [torch.tensor(m) for m in model["mean"]]
-        self.std = [torch.tensor(s) for s in model["std"]]
-        self.coef = [torch.tensor(c) for c in model["coef"]]
+        # float64: the same arithmetic as the calibration's offline scoring, so thresholds tie identically
+        self.mean = [torch.tensor(m, dtype=torch.float64) for m in model["mean"]]
+        self.std = [torch.tensor(s, dtype=torch.float64) for s in model["std"]]
+        self.coef = [torch.tensor(c, dtype=torch.float64) for c in model["coef"]]
         self.intercept = list(model["intercept"])
 
     def probability_same(self, obs: ExitObservation) -> torch.Tensor:
-        """P(prediction at this exit == final prediction), shape `(batch_size,)`."""
+        """P(prediction at this exit == final prediction), shape `(batch_size,)`, float64."""
         k = obs.exit_index
         if k >= len(self.coef):  # the final exit is the final prediction
-            return torch.ones_like(obs.max_prob)
-        x = asti_features(obs)
-        z = ((x - self.mean[k]) / self.std[k]) @ self.coef[k].to(x.dtype) + self.intercept[k]
+            return torch.ones_like(obs.max_prob, dtype=torch.float64)
+        x = asti_features(obs).double()
+        device = x.device
+        z = ((x - self.mean[k].to(device)) / self.std[k].to(device)) @ self.coef[k].to(device) + self.intercept[k]
         return torch.sigmoid(z)
 
     def __call__(self, obs: ExitObservation) -> torch.Tensor:

@@ -100,7 +100,7 @@ def test_asti_probability_is_the_fitted_logistic_model():
     model = {"mean": [[0.0] * num_features], "std": [[1.0] * num_features], "coef": [coef], "intercept": [-2.0]}
     rule = AstiStop(cost=0.5, model=model)
     p = rule.probability_same(obs[0])
-    torch.testing.assert_close(p, torch.sigmoid(3.0 * obs[0].max_prob - 2.0))
+    torch.testing.assert_close(p, torch.sigmoid(3.0 * obs[0].max_prob.double() - 2.0))
     assert rule(obs[0]).tolist() == (p >= 0.5).tolist()
     assert rule.probability_same(obs[1]).tolist() == [1.0, 1.0]  # the final exit is the final prediction
     assert simulate_exits(AstiStop(cost=0.0, model=model), obs).tolist() == [1, 1]

@@ -154,6 +154,17 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
         self.config.stopping_rule = name
         self.config.stopping_params = params
 
+    def _rule(self, name: str, params: dict):
+        """The rule object, cached until the rule, the calibration or (for `asti_bound`) the head weights change."""
+        key = (name, tuple(sorted(params.items())), id(self.config.calibration))
+        if name == "asti_bound":  # its Lipschitz constants come from the head weights
+            key += tuple(p._version for p in self.parameters() if p.dim() == 2 and p.shape[0] == self.num_labels)
+        cached = getattr(self, "_cached_rule", None)
+        if cached is None or cached[0] != key:
+            lipschitz = self._exit_lipschitz() if name == "asti_bound" else None
+            self._cached_rule = (key, build_rule(name, params, self.config.calibration, lipschitz))
+        return self._cached_rule[1]
+
     def _exit_temperatures(self) -> list[float]:
         calib = self.config.calibration
         if calib and calib.get("temperatures"):
@@ -329,7 +340,7 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
             params = validate_rule(name, dict(stopping_params or {}), exit_layers, config.calibration)
         else:
             params = config.stopping_params
-        rule = build_rule(name, params, config.calibration, self._exit_lipschitz() if name == "asti_bound" else None)
+        rule = self._rule(name, params)
         temperatures = self._exit_temperatures()
 
         batch, device = hidden.shape[0], hidden.device
