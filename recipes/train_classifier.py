@@ -27,7 +27,8 @@ from hf_depthstop.data import (
     minilm_checkpoint_path,
     tokenize_for_classification,
 )
-from hf_depthstop.evaluation import compare_rules, rules_from_calibration, rules_table_markdown
+from hf_depthstop.evaluation import compare_rules, rules_from_calibration, rules_table_markdown, run_rule
+from hf_depthstop.metrics import load_depthstop_metric
 
 
 @dataclass
@@ -122,6 +123,14 @@ def main(script_args: ScriptArguments, training_args: DepthStopTrainingArguments
             results["test"][f"batch_{bs}"] = rows
             print(f"\nTest split ({len(tokenized['test'])} examples), every rule live, batch {bs}:")
             print(rules_table_markdown(rows))
+        # The saved model's own rule on the test split, through the package's evaluate metric module.
+        live = run_rule(model, tokenized["test"], model.config.stopping_rule, model.config.stopping_params)
+        metric = load_depthstop_metric()
+        results["test_metric"] = metric.compute(
+            predictions=live["predictions"], references=live["labels"], exit_layers=live["exit_layer"],
+            compute_fractions=live["compute_fraction"],
+        )
+        print(f"\nSaved rule {model.config.stopping_rule} on test (evaluate metric module): {results['test_metric']}")
         trainer.save_model(training_args.output_dir)
         with open(os.path.join(training_args.output_dir, "depthstop_results.json"), "w") as f:
             json.dump(results, f, indent=2, default=float)

@@ -4,7 +4,12 @@
 import datasets
 import torch
 
-from hf_depthstop import DepthStopBertConfig, DepthStopBertForSequenceClassification, DepthStopTrainer, DepthStopTrainingArguments
+from hf_depthstop import (
+    DepthStopBertConfig,
+    DepthStopBertForSequenceClassification,
+    DepthStopTrainer,
+    DepthStopTrainingArguments,
+)
 
 
 def tiny_bert_config(**kwargs) -> DepthStopBertConfig:
