@@ -23,6 +23,10 @@ import torch.nn.functional as F
 
 
 EXIT_WEIGHTINGS = ("uniform", "linear", "final_heavy", "final_only")
+EXIT_GRADIENT_MODES = ("full", "detach", "equilibrium")
+# Default of how exit losses reach the backbone (see the model's `exit_gradient`), chosen with the defaults of
+# `DepthLossSpec` by the L_depth ablation (benchmarks/results/ablation_ldepth.md).
+DEFAULT_EXIT_GRADIENT = "detach"
 DEPTH_TERMS = ("stop", "distill", "dr")
 
 
@@ -30,10 +34,14 @@ DEPTH_TERMS = ("stop", "distill", "dr")
 class DepthLossSpec:
     """Every knob of the training loss. `DepthStopTrainingArguments` builds one of these from its fields.
 
+    The defaults are the winner of the ablation in benchmarks/results/ablation_ldepth.md, used with
+    `exit_gradient="detach"`: the backbone is trained by the final exit alone (so the final exit keeps the plain
+    fine-tune's accuracy) while every exit head learns from its own cross-entropy plus the `distill` term.
+
     Args:
         exit_weighting (`str`, defaults to `"final_heavy"`): one of `uniform` (w_l = 1/E), `linear` (w_l proportional
             to l + 1, PABEE), `final_heavy` (w_final = 1, others `early_exit_weight`), `final_only` (w_final = 1).
-        early_exit_weight (`float`, defaults to 0.06): weight of each non-final exit under `final_heavy`.
+        early_exit_weight (`float`, defaults to 1.0): weight of each non-final exit under `final_heavy`.
         depth_loss_weight (`float`, defaults to 1.0): lambda; 0 gives plain multi-exit training.
         depth_terms (`tuple[str]`, defaults to `("distill",)`): subset of `stop`, `distill`, `dr`.
         compute_cost (`float`, defaults to 0.1): c, the price of the whole model's compute in loss units (`stop`).
@@ -43,7 +51,7 @@ class DepthLossSpec:
     """
 
     exit_weighting: str = "final_heavy"
-    early_exit_weight: float = 0.06
+    early_exit_weight: float = 1.0
     depth_loss_weight: float = 1.0
     depth_terms: tuple[str, ...] = field(default=("distill",))
     compute_cost: float = 0.1

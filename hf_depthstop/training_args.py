@@ -5,8 +5,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .losses import DEPTH_TERMS, EXIT_WEIGHTINGS, DepthLossSpec
-from .models.bert.modeling_depthstop_bert import EXIT_GRADIENT_MODES
+from .losses import DEFAULT_EXIT_GRADIENT, DEPTH_TERMS, EXIT_GRADIENT_MODES, EXIT_WEIGHTINGS, DepthLossSpec
 
 
 # The defaults below are the winner of the L_depth ablation (benchmarks/ablation_ldepth.py, results in
@@ -43,7 +42,7 @@ class DepthStopTrainingArguments(TrainingArguments):
         metadata={"help": "Weight of each non-final exit's cross-entropy under exit_weighting=final_heavy."},
     )
     exit_gradient: str = field(
-        default="full",
+        default=DEFAULT_EXIT_GRADIENT,
         metadata={
             "help": "How non-final exits' losses reach the backbone: full (joint training), detach (exit heads train "
             "on frozen features; the backbone gets only the final loss: two-stage training run concurrently) or "

@@ -15,15 +15,13 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging
 
 from ...flops import classification_head_flops, transformer_layer_flops
-from ...losses import DepthLossSpec, depth_stop_loss
+from ...losses import DEFAULT_EXIT_GRADIENT, EXIT_GRADIENT_MODES, DepthLossSpec, depth_stop_loss
 from ...modeling_outputs import DepthStopSequenceClassifierOutput
 from ...stopping import build_rule, observe, validate_rule
 from .configuration_depthstop_bert import DepthStopBertConfig
 
 
 logger = logging.get_logger(__name__)
-
-EXIT_GRADIENT_MODES = ("full", "detach", "equilibrium")
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -248,7 +246,7 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
         output_exit_logits: bool | None = None,
         stopping_rule: str | None = None,
         stopping_params: dict | None = None,
-        exit_gradient: str = "full",
+        exit_gradient: str = DEFAULT_EXIT_GRADIENT,
         depth_loss_spec: DepthLossSpec | None = None,
         return_dict: bool | None = None,
     ) -> DepthStopSequenceClassifierOutput:
@@ -261,7 +259,7 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
             output_exit_logits (`bool`, *optional*): force the training path (all exits) in eval mode.
             stopping_rule (`str`, *optional*), stopping_params (`dict`, *optional*): override the configured rule
                 for this call only.
-            exit_gradient (`str`, defaults to `"full"`): training path only. How non-final exits' losses reach the
+            exit_gradient (`str`, defaults to `"detach"`): training path only. How non-final exits' losses reach the
                 backbone: `full` (joint training), `detach` (exit heads train on frozen features: the backbone sees
                 only the final exit's loss, i.e. two-stage training run concurrently), `equilibrium` (gradient
                 equilibrium: the gradient into the trunk at exit k is rescaled by 1 / (exits from k on)).
