@@ -344,10 +344,9 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
         batch, device = hidden.shape[0], hidden.device
         lengths = attention_mask.sum(-1)
         layer_f, head_f, final_f = self._flops(lengths)  # (batch,) each, float64
-        full_f = config.num_hidden_layers * layer_f + final_f
-        used_f = torch.zeros_like(full_f)
         out_logits = hidden.new_zeros(batch, config.num_labels)
         out_layer = torch.full((batch,), exit_layers[-1], dtype=torch.long, device=device)
+        out_position = torch.full((batch,), num_exits - 1, dtype=torch.long, device=device)  # exit position used
 
         # Exits whose heads run: all of them for rules that look at every exit; for `none` / `static` only the one
         # exit every row stops at (no other head is worth its FLOPs).
@@ -369,12 +368,10 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
             if evaluate and rule.needs_all_heads:
                 pooled_prev = self._pool(hidden, attention_mask)
             hidden = layer(hidden, mask)
-            used_f[active] += layer_f[active]
             if not evaluate:
                 continue
             pooled = self._pool(hidden, attention_mask)
             logits = self._head(k, pooled)  # (active, num_labels)
-            used_f[active] += final_f[active] if k == num_exits - 1 else head_f[active]
             if k == last_evaluated:
                 stop = torch.ones(logits.shape[0], dtype=torch.bool, device=device)
             else:
@@ -382,14 +379,16 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
                 next_f = (next_layer - layer_index) * layer_f[active] + (
                     final_f[active] if k + 1 == num_exits - 1 else head_f[active]
                 )
+                full_f = config.num_hidden_layers * layer_f[active] + final_f[active]
                 ratio = (pooled - pooled_prev).norm(dim=-1) / pooled_prev.norm(dim=-1).clamp_min(1e-6)
                 obs = observe(
-                    k, layer_index, logits, temperatures[k], obs, ratio, pooled.norm(dim=-1), next_f / full_f[active]
+                    k, layer_index, logits, temperatures[k], obs, ratio, pooled.norm(dim=-1), next_f / full_f
                 )
                 stop = rule(obs)
             rows = active[stop]
             out_logits[rows] = logits[stop].to(out_logits.dtype)
             out_layer[rows] = layer_index
+            out_position[rows] = k
             if bool(stop.all()):
                 break
             keep = ~stop
@@ -402,6 +401,13 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
                     hidden, attention_mask = hidden[:, :width], attention_mask[:, :width]
                 mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
 
+        # FLOPs used per row: the layers it ran, the head it stopped at, and (rules that look at every exit) the
+        # heads of the earlier exits; counted once here rather than with per-layer bookkeeping on the hot path.
+        at_final = out_position == num_exits - 1
+        used_f = (out_layer + 1) * layer_f + torch.where(at_final, final_f, head_f)
+        if rule.needs_all_heads:
+            used_f = used_f + out_position * head_f
+        full_f = config.num_hidden_layers * layer_f + final_f
         loss = F.cross_entropy(out_logits, labels) if labels is not None else None
         return DepthStopSequenceClassifierOutput(
             loss=loss,
