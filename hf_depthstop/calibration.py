@@ -71,13 +71,6 @@ class ExitRecords:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def subset(self, rows: np.ndarray) -> "ExitRecords":
-        idx = torch.as_tensor(rows, dtype=torch.long)
-        return ExitRecords(
-            self.exit_logits[idx], self.exit_residual_ratios[idx], self.exit_state_norms[idx],
-            self.exit_compute_fractions[idx], self.single_head_fractions[idx], self.labels[idx], self.exit_layers,
-        )
-
 
 def _label_column(dataset) -> str:
     for name in ("labels", "label"):
