@@ -53,6 +53,10 @@ VARIANTS = {
                                  "--depth_terms", "stop,distill", "--depth_loss_weight", "1.0", "--compute_cost", "0.1"],
     "final_heavy_dr": ["--exit_gradient", "full", "--exit_weighting", "final_heavy", "--early_exit_weight", "0.06",
                        "--depth_terms", "dr", "--depth_loss_weight", "0.1"],
+    "detach_mlp_distill": ["--exit_gradient", "detach", "--exit_weighting", "final_heavy", "--early_exit_weight", "1.0",
+                           "--depth_terms", "distill", "--depth_loss_weight", "1.0", "--exit_head_hidden_size", "384"],
+    "scaled0.1_distill": ["--exit_gradient", "0.1", "--exit_weighting", "final_heavy", "--early_exit_weight", "1.0",
+                          "--depth_terms", "distill", "--depth_loss_weight", "1.0"],
 }
 TOLERANCES = (0.0, 0.005, 0.01)
 RULES = ("confidence", "entropy", "patience", "asti_bound", "asti")

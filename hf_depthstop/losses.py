@@ -27,6 +27,21 @@ EXIT_GRADIENT_MODES = ("full", "detach", "equilibrium")
 # Default of how exit losses reach the backbone (see the model's `exit_gradient`), chosen with the defaults of
 # `DepthLossSpec` by the L_depth ablation (benchmarks/results/ablation_ldepth.md).
 DEFAULT_EXIT_GRADIENT = "detach"
+
+
+def parse_exit_gradient(value) -> str | float:
+    """Validate an `exit_gradient` setting: `full`, `detach`, `equilibrium`, or a number alpha in [0, 1] (also as a
+    string, e.g. from the command line) that scales the early exits' gradient into the backbone (0 = `detach`,
+    1 = `full`)."""
+    if isinstance(value, str) and value in EXIT_GRADIENT_MODES:
+        return value
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        alpha = float("nan")
+    if isinstance(value, bool) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"exit_gradient must be one of {EXIT_GRADIENT_MODES} or a number in [0, 1], got {value!r}")
+    return alpha
 DEPTH_TERMS = ("stop", "distill", "dr")
 
 

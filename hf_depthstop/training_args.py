@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .losses import DEFAULT_EXIT_GRADIENT, DEPTH_TERMS, EXIT_GRADIENT_MODES, EXIT_WEIGHTINGS, DepthLossSpec
+from .losses import DEFAULT_EXIT_GRADIENT, DEPTH_TERMS, EXIT_WEIGHTINGS, DepthLossSpec, parse_exit_gradient
 
 
 # The defaults below are the winner of the L_depth ablation (benchmarks/ablation_ldepth.py, results in
@@ -46,8 +46,8 @@ class DepthStopTrainingArguments(TrainingArguments):
         metadata={
             "help": "How non-final exits' losses reach the backbone: full (joint training), detach (exit heads train "
             "on frozen features; the backbone gets only the final loss: two-stage training run concurrently) or "
-            "equilibrium (gradient equilibrium: rescale each exit's gradient into the shared trunk).",
-            "choices": list(EXIT_GRADIENT_MODES),
+            "equilibrium (gradient equilibrium: rescale each exit's gradient into the shared trunk), or a number alpha "
+            "in [0, 1] scaling the early exits' gradient into the backbone (0 = detach, 1 = full).",
         },
     )
     depth_loss_weight: float = field(
@@ -79,8 +79,7 @@ class DepthStopTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.exit_gradient not in EXIT_GRADIENT_MODES:
-            raise ValueError(f"exit_gradient must be one of {EXIT_GRADIENT_MODES}, got {self.exit_gradient!r}")
+        parse_exit_gradient(self.exit_gradient)
         self.depth_loss_spec()  # validates every loss field, naming the field and value
 
     def depth_loss_spec(self) -> DepthLossSpec:

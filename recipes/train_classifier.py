@@ -38,6 +38,7 @@ class ScriptArguments:
     )
     exit_pooling: str = field(default="mean", metadata={"help": "Exit pooling: cls or mean (MiniLM: mean)."})
     exit_layers: str | None = field(default=None, metadata={"help": "Comma-separated 0-based exit layers (default all)."})
+    exit_head_hidden_size: int = field(default=0, metadata={"help": "Dense+tanh width in non-final exit heads (0: linear)."})
     n_train: int = field(default=8000, metadata={"help": "Training examples of the tweet set."})
     n_val: int = field(default=2000, metadata={"help": "Validation (calibration) examples."})
     n_test: int = field(default=2000, metadata={"help": "Test examples."})
@@ -87,6 +88,7 @@ def build_trainer(script_args: ScriptArguments, training_args: DepthStopTraining
         id2label=dict(enumerate(TWEET_SENTIMENT_LABELS)),
         label2id={name: i for i, name in enumerate(TWEET_SENTIMENT_LABELS)},
         exit_pooling=script_args.exit_pooling,
+        exit_head_hidden_size=script_args.exit_head_hidden_size,
         **extra,
     )
     trainer = DepthStopTrainer(

@@ -669,3 +669,40 @@ def test_from_pretrained_overrides_are_validated(tmp_path):
         DepthStopBertForSequenceClassification.from_pretrained(tmp_path, exit_pooling="max")
     with pytest.raises(ValueError, match="stopping_rule.*halting"):
         DepthStopBertForSequenceClassification.from_pretrained(tmp_path, stopping_rule="halting")
+
+
+def test_mlp_exit_heads_shapes_flops_and_lipschitz():
+    model = make_model(exit_head_hidden_size=16).eval()
+    assert model.exit_heads[0].dense.weight.shape == (16, TINY["hidden_size"])
+    batch = padded_batch()
+    out = model(**batch, output_exit_logits=True)
+    assert out.exit_logits.shape[1] == NUM_LAYERS
+    lengths = batch["attention_mask"].sum(-1)
+    layer = transformer_layer_flops(lengths, TINY["hidden_size"], TINY["intermediate_size"])
+    d, c = TINY["hidden_size"], model.config.num_labels
+    head = 2.0 * d * 16 + 2.0 * 16 * c
+    final = classification_head_flops(lengths, d, c, "cls", dense_pooler=True)
+    expected = (layer + head) / (NUM_LAYERS * layer + final)
+    torch.testing.assert_close(out.exit_compute_fractions[:, 0].double(), expected, atol=1e-6, rtol=1e-6)
+    head0 = model.exit_heads[0]
+    bound = torch.linalg.matrix_norm(head0.classifier.weight, ord=2) * torch.linalg.matrix_norm(head0.dense.weight, ord=2)
+    assert head0.lipschitz() == pytest.approx(bound.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="exit_head_hidden_size.*-3"):
+        make_config(exit_head_hidden_size=-3)
+
+
+def test_scaled_exit_gradient_interpolates_detach_and_full():
+    batch = padded_batch()
+    labels = torch.tensor([i % 3 for i in range(batch["input_ids"].shape[0])])
+    spec = DepthLossSpec(exit_weighting="uniform", depth_terms=("distill",), depth_loss_weight=1.0)
+    grads = {}
+    for mode in ("detach", 0.0, "full", 1.0, "0.5"):
+        model = make_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+        model(**batch, labels=labels, depth_loss_spec=spec, exit_gradient=mode).loss.backward()
+        grads[mode] = model.bert.encoder.layer[0].output.dense.weight.grad.clone()
+    torch.testing.assert_close(grads[0.0], grads["detach"])
+    torch.testing.assert_close(grads[1.0], grads["full"])
+    assert not torch.allclose(grads["0.5"], grads["full"]) and not torch.allclose(grads["0.5"], grads["detach"])
+    model = make_model().train()
+    with pytest.raises(ValueError, match="exit_gradient.*1.5"):
+        model(**batch, labels=labels, exit_gradient=1.5)

@@ -15,7 +15,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging
 
 from ...flops import classification_head_flops, transformer_layer_flops
-from ...losses import DEFAULT_EXIT_GRADIENT, EXIT_GRADIENT_MODES, DepthLossSpec, depth_stop_loss
+from ...losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, depth_stop_loss, parse_exit_gradient
 from ...modeling_outputs import DepthStopSequenceClassifierOutput
 from ...stopping import build_rule, observe, validate_rule
 from .configuration_depthstop_bert import DepthStopBertConfig
@@ -38,16 +38,28 @@ class _ScaleGradient(torch.autograd.Function):
 
 
 class DepthStopExitHead(nn.Module):
-    """A non-final exit: pooled state (batch_size, hidden_size) -> dropout -> linear -> (batch_size, num_labels)."""
+    """A non-final exit: pooled state (batch_size, hidden_size) -> [dense -> tanh] -> dropout -> linear ->
+    (batch_size, num_labels). The dense layer exists when `config.exit_head_hidden_size > 0`."""
 
     def __init__(self, config: DepthStopBertConfig):
         super().__init__()
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        hidden = config.exit_head_hidden_size
+        self.dense = nn.Linear(config.hidden_size, hidden) if hidden else None
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = nn.Linear(hidden or config.hidden_size, config.num_labels)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            pooled = torch.tanh(self.dense(pooled))
         return self.classifier(self.dropout(pooled))
+
+    def lipschitz(self) -> float:
+        """An upper bound of the head's Lipschitz constant (spectral norms; tanh is 1-Lipschitz)."""
+        bound = torch.linalg.matrix_norm(self.classifier.weight.float(), ord=2).item()
+        if self.dense is not None:
+            bound *= torch.linalg.matrix_norm(self.dense.weight.float(), ord=2).item()
+        return bound
 
 
 class DepthStopBertForSequenceClassification(BertPreTrainedModel):
@@ -171,7 +183,7 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
 
     def _exit_lipschitz(self) -> list[float]:
         """K_k for `asti_bound`: spectral norm of the head of exit k + 1 (the head whose logits the next block moves)."""
-        norms = [torch.linalg.matrix_norm(h.classifier.weight.float(), ord=2).item() for h in self.exit_heads]
+        norms = [head.lipschitz() for head in self.exit_heads]
         final = torch.linalg.matrix_norm(self.classifier.weight.float(), ord=2).item()
         if self.config.exit_pooling == "cls":  # dense + tanh (1-Lipschitz) before the classifier
             final *= torch.linalg.matrix_norm(self.bert.pooler.dense.weight.float(), ord=2).item()
@@ -201,6 +213,8 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
         c = self.config
         layer = transformer_layer_flops(lengths, c.hidden_size, c.intermediate_size)
         head = classification_head_flops(lengths, c.hidden_size, c.num_labels, c.exit_pooling, dense_pooler=False)
+        if c.exit_head_hidden_size:  # dense d -> h, and the classifier reads h instead of d features
+            head = head + 2.0 * c.hidden_size * c.exit_head_hidden_size + 2.0 * (c.exit_head_hidden_size - c.hidden_size) * c.num_labels
         final = classification_head_flops(
             lengths, c.hidden_size, c.num_labels, c.exit_pooling, dense_pooler=c.exit_pooling == "cls"
         )
@@ -246,7 +260,7 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
         output_exit_logits: bool | None = None,
         stopping_rule: str | None = None,
         stopping_params: dict | None = None,
-        exit_gradient: str = DEFAULT_EXIT_GRADIENT,
+        exit_gradient: str | float = DEFAULT_EXIT_GRADIENT,
         depth_loss_spec: DepthLossSpec | None = None,
         return_dict: bool | None = None,
     ) -> DepthStopSequenceClassifierOutput:
@@ -262,12 +276,13 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
             exit_gradient (`str`, defaults to `"detach"`): training path only. How non-final exits' losses reach the
                 backbone: `full` (joint training), `detach` (exit heads train on frozen features: the backbone sees
                 only the final exit's loss, i.e. two-stage training run concurrently), `equilibrium` (gradient
-                equilibrium: the gradient into the trunk at exit k is rescaled by 1 / (exits from k on)).
+                equilibrium: the gradient into the trunk at exit k is rescaled by 1 / (exits from k on)), or a number
+                alpha in [0, 1]: the non-final exits' gradient into the backbone is scaled by alpha (heads learn at
+                full strength).
             depth_loss_spec ([`DepthLossSpec`], *optional*): the training loss; defaults to `DepthLossSpec()`.
         """
         attention_mask = self._check_inputs(input_ids, inputs_embeds, attention_mask)
-        if exit_gradient not in EXIT_GRADIENT_MODES:
-            raise ValueError(f"exit_gradient must be one of {EXIT_GRADIENT_MODES}, got {exit_gradient!r}")
+        exit_gradient = parse_exit_gradient(exit_gradient)
         hidden = self.bert.embeddings(
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
         )
@@ -296,6 +311,9 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
             if k < num_exits - 1:
                 if exit_gradient == "detach":
                     branch, pooled_prev = hidden.detach(), pooled_prev.detach()
+                elif isinstance(exit_gradient, float):
+                    branch = _ScaleGradient.apply(hidden, exit_gradient)
+                    pooled_prev = _ScaleGradient.apply(pooled_prev, exit_gradient)
                 elif exit_gradient == "equilibrium":
                     # gradient equilibrium: the k-th exit and the trunk after it share the gradient into layer k
                     branch = _ScaleGradient.apply(hidden, 1.0 / (num_exits - k))
