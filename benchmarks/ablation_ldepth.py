@@ -40,22 +40,22 @@ CONFIG = os.path.join(HERE, "..", "recipes", "configs", "quickstart.yaml")
 
 # name -> DepthStopTrainingArguments overrides (flags). Everything else is the quickstart config.
 VARIANTS = {
-    "plain": ["--exit_gradient", "full", "--exit_weighting", "final_only", "--depth_loss_weight", "0"],
-    "detach_distill": ["--exit_gradient", "detach", "--exit_weighting", "final_heavy", "--early_exit_weight", "1.0",
+    "plain": ["--exit_head_hidden_size", "0", "--exit_gradient", "full", "--exit_weighting", "final_only", "--depth_loss_weight", "0"],
+    "detach_distill": ["--exit_head_hidden_size", "0", "--exit_gradient", "detach", "--exit_weighting", "final_heavy", "--early_exit_weight", "1.0",
                        "--depth_terms", "distill", "--depth_loss_weight", "1.0"],
-    "final_heavy_distill": ["--exit_gradient", "full", "--exit_weighting", "final_heavy", "--early_exit_weight", "0.06",
+    "final_heavy_distill": ["--exit_head_hidden_size", "0", "--exit_gradient", "full", "--exit_weighting", "final_heavy", "--early_exit_weight", "0.06",
                             "--depth_terms", "distill", "--depth_loss_weight", "1.0"],
-    "joint": ["--exit_gradient", "full", "--exit_weighting", "linear", "--depth_loss_weight", "0"],
-    "final_heavy": ["--exit_gradient", "full", "--exit_weighting", "final_heavy", "--early_exit_weight", "0.06", "--depth_loss_weight", "0"],
-    "equilibrium_distill": ["--exit_gradient", "equilibrium", "--exit_weighting", "linear",
+    "joint": ["--exit_head_hidden_size", "0", "--exit_gradient", "full", "--exit_weighting", "linear", "--depth_loss_weight", "0"],
+    "final_heavy": ["--exit_head_hidden_size", "0", "--exit_gradient", "full", "--exit_weighting", "final_heavy", "--early_exit_weight", "0.06", "--depth_loss_weight", "0"],
+    "equilibrium_distill": ["--exit_head_hidden_size", "0", "--exit_gradient", "equilibrium", "--exit_weighting", "linear",
                             "--depth_terms", "distill", "--depth_loss_weight", "1.0"],
-    "final_heavy_stop_distill": ["--exit_gradient", "full", "--exit_weighting", "final_heavy", "--early_exit_weight", "0.06",
+    "final_heavy_stop_distill": ["--exit_head_hidden_size", "0", "--exit_gradient", "full", "--exit_weighting", "final_heavy", "--early_exit_weight", "0.06",
                                  "--depth_terms", "stop,distill", "--depth_loss_weight", "1.0", "--compute_cost", "0.1"],
-    "final_heavy_dr": ["--exit_gradient", "full", "--exit_weighting", "final_heavy", "--early_exit_weight", "0.06",
+    "final_heavy_dr": ["--exit_head_hidden_size", "0", "--exit_gradient", "full", "--exit_weighting", "final_heavy", "--early_exit_weight", "0.06",
                        "--depth_terms", "dr", "--depth_loss_weight", "0.1"],
     "detach_mlp_distill": ["--exit_gradient", "detach", "--exit_weighting", "final_heavy", "--early_exit_weight", "1.0",
                            "--depth_terms", "distill", "--depth_loss_weight", "1.0", "--exit_head_hidden_size", "384"],
-    "scaled0.1_distill": ["--exit_gradient", "0.1", "--exit_weighting", "final_heavy", "--early_exit_weight", "1.0",
+    "scaled0.1_distill": ["--exit_head_hidden_size", "0", "--exit_gradient", "0.1", "--exit_weighting", "final_heavy", "--early_exit_weight", "1.0",
                           "--depth_terms", "distill", "--depth_loss_weight", "1.0"],
 }
 TOLERANCES = (0.0, 0.005, 0.01)

@@ -49,9 +49,10 @@ DEPTH_TERMS = ("stop", "distill", "dr")
 class DepthLossSpec:
     """Every knob of the training loss. `DepthStopTrainingArguments` builds one of these from its fields.
 
-    The defaults are the winner of the ablation in benchmarks/results/ablation_ldepth.md, used with
-    `exit_gradient="detach"`: the backbone is trained by the final exit alone (so the final exit keeps the plain
-    fine-tune's accuracy) while every exit head learns from its own cross-entropy plus the `distill` term.
+    The defaults are the winner of the ablation in benchmarks/results/ablation_ldepth.md (`detach_mlp_distill`),
+    used with `exit_gradient="detach"` and dense+tanh exit heads (`exit_head_hidden_size`, default `hidden_size`):
+    the backbone is trained by the final exit alone (so the final exit stays a plain fine-tune, up to the shared
+    gradient clipping) while every exit head learns from its own cross-entropy plus the `distill` term.
 
     Args:
         exit_weighting (`str`, defaults to `"final_heavy"`): one of `uniform` (w_l = 1/E), `linear` (w_l proportional

@@ -38,7 +38,9 @@ class ScriptArguments:
     )
     exit_pooling: str = field(default="mean", metadata={"help": "Exit pooling: cls or mean (MiniLM: mean)."})
     exit_layers: str | None = field(default=None, metadata={"help": "Comma-separated 0-based exit layers (default all)."})
-    exit_head_hidden_size: int = field(default=0, metadata={"help": "Dense+tanh width in non-final exit heads (0: linear)."})
+    exit_head_hidden_size: int | None = field(
+        default=None, metadata={"help": "Dense+tanh width in non-final exit heads (0: linear; default: hidden size)."}
+    )
     n_train: int = field(default=8000, metadata={"help": "Training examples of the tweet set."})
     n_val: int = field(default=2000, metadata={"help": "Validation (calibration) examples."})
     n_test: int = field(default=2000, metadata={"help": "Test examples."})

@@ -62,6 +62,7 @@ def flops_per_row(lengths: torch.Tensor, pooling: str = "cls"):
     c = TINY
     layer = transformer_layer_flops(lengths, c["hidden_size"], c["intermediate_size"])
     head = classification_head_flops(lengths, c["hidden_size"], c["num_labels"], pooling, dense_pooler=False)
+    head = head + 2.0 * c["hidden_size"] ** 2  # the default exit head has a dense d -> d layer before its classifier
     final = classification_head_flops(
         lengths, c["hidden_size"], c["num_labels"], pooling, dense_pooler=pooling == "cls"
     )
@@ -79,7 +80,7 @@ def mixed_params(model, batch, rule: str) -> dict:
         return {"threshold": split_threshold(-(probs * probs.log()).sum(-1))}
     if rule == "asti_bound":
         # stop at exit 0 iff K_0 * ||pool(h_0)|| * r_0 * rho_0 (= 1) <= cost * (compute of exit 1), K_0 = ||W_head1||_2
-        k0 = torch.linalg.matrix_norm(model.exit_heads[1].classifier.weight, ord=2)
+        k0 = model.exit_heads[1].lipschitz()
         bound = k0 * out.exit_state_norms[:, 0] * out.exit_residual_ratios[:, 0]
         layer, head, final = flops_per_row(batch["attention_mask"].sum(-1))
         next_compute = (layer + head) / (NUM_LAYERS * layer + final)
@@ -251,7 +252,7 @@ def test_inference_path_agrees_with_training_path_exits(rule):
     elif rule == "entropy":
         stops_at_0 = -(probs * probs.log()).sum(-1) <= params["threshold"]
     else:
-        k0 = torch.linalg.matrix_norm(model.exit_heads[1].classifier.weight, ord=2)
+        k0 = model.exit_heads[1].lipschitz()
         layer, head, final = flops_per_row(batch["attention_mask"].sum(-1))
         bound = (k0 * full.exit_state_norms[:, 0] * full.exit_residual_ratios[:, 0]).double()
         stops_at_0 = bound <= params["cost"] * (layer + head) / (NUM_LAYERS * layer + final)
@@ -306,7 +307,7 @@ def test_live_forward_matches_offline_simulation(rule):
     elif rule == "patience":
         params = {"patience": 1}
     elif rule == "asti_bound":
-        k0 = torch.linalg.matrix_norm(model.exit_heads[1].classifier.weight, ord=2)
+        k0 = model.exit_heads[1].lipschitz()
         params = {"cost": split_threshold(k0 * first.state_norm * first.residual_ratio / first.next_compute)}
     else:
         estimator = build_rule("asti", {"cost": 0.5}, model.config.calibration)

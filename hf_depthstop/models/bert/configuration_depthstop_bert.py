@@ -28,8 +28,11 @@ class DepthStopBertConfig(BertConfig):
             How an exit head pools the sequence: `"cls"` (first token; the final exit then uses BERT's dense+tanh
             pooler, exactly as [`BertForSequenceClassification`]) or `"mean"` (masked mean over real tokens, no
             pooler; right for sentence encoders such as all-MiniLM-L6-v2, trained mean-pooled).
-        exit_head_hidden_size (`int`, *optional*, defaults to 0):
+        exit_head_hidden_size (`int`, *optional*):
             Width of a dense + tanh layer in each non-final exit head before its classifier; 0 gives a linear head.
+            Defaults to `hidden_size` (the L_depth ablation's winner, benchmarks/results/ablation_ldepth.md: on
+            detached features a linear head left early exits far weaker). A head costs 2 d h + 2 h C FLOPs, well
+            under 1% of a layer.
         stopping_rule (`str`, *optional*, defaults to `"none"`):
             Inference stopping rule, see [`hf_depthstop.stopping`]: `none`, `static`, `entropy`, `confidence`,
             `patience`, `asti_bound`, `asti`.
@@ -53,7 +56,7 @@ class DepthStopBertConfig(BertConfig):
 
     exit_layers: list[int] | None = None
     exit_pooling: str = "cls"
-    exit_head_hidden_size: int = 0
+    exit_head_hidden_size: int | None = None
     stopping_rule: str = "none"
     stopping_params: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
@@ -83,6 +86,8 @@ class DepthStopBertConfig(BertConfig):
         if not layers or layers[-1] != num_layers - 1:
             layers.append(num_layers - 1)  # the final layer is always an exit: it is the full model
         self.exit_layers = layers
+        if self.exit_head_hidden_size is None:
+            self.exit_head_hidden_size = self.hidden_size
         width = self.exit_head_hidden_size
         if isinstance(width, bool) or not isinstance(width, int) or width < 0:
             raise ValueError(f"exit_head_hidden_size must be an integer >= 0, got {self.exit_head_hidden_size!r}")
