@@ -127,6 +127,7 @@ def main(script_args: ScriptArguments, training_args: DepthStopTrainingArguments
             results["test"][f"batch_{bs}"] = rows
             print(f"\nTest split ({len(tokenized['test'])} examples), every rule live, batch {bs}:")
             print(rules_table_markdown(rows))
+        trainer.save_model(training_args.output_dir)  # saved first: nothing below can lose it
         # The saved model's own rule on the test split, through the package's evaluate metric module.
         live = run_rule(model, tokenized["test"], model.config.stopping_rule, model.config.stopping_params)
         metric = load_depthstop_metric()
@@ -135,7 +136,6 @@ def main(script_args: ScriptArguments, training_args: DepthStopTrainingArguments
             compute_fractions=live["compute_fraction"],
         )
         print(f"\nSaved rule {model.config.stopping_rule} on test (evaluate metric module): {results['test_metric']}")
-        trainer.save_model(training_args.output_dir)
         with open(os.path.join(training_args.output_dir, "depthstop_results.json"), "w") as f:
             json.dump(results, f, indent=2, default=float)
         print(f"\nSaved the calibrated model ({model.config.stopping_rule} {model.config.stopping_params}) to "

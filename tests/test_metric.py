@@ -74,7 +74,7 @@ def test_batches_and_tensors_accumulate(metric):
         ("exit_layers", -1),
         ("compute_fractions", 0.0),
         ("compute_fractions", -0.5),
-        ("compute_fractions", 1.5),
+        ("compute_fractions", 2.5),
         ("compute_fractions", math.nan),
     ],
 )
@@ -92,3 +92,9 @@ def test_bad_inputs_raise(metric, field, bad_value):
 def test_empty_input_raises(metric):
     with pytest.raises(ValueError, match="empty"):
         metric.compute(predictions=[], references=[], exit_layers=[], compute_fractions=np.array([]))
+
+
+def test_all_heads_at_full_depth_is_accepted(metric):
+    # A rule that evaluated every exit head and never fired spends a little more than the full model.
+    result = metric.compute(predictions=[0], references=[0], exit_layers=[5], compute_fractions=[1.0031])
+    assert result["mean_compute_fraction"] == pytest.approx(1.0031) and result["speedup"] < 1.0
