@@ -173,6 +173,7 @@ class NoStop:
     """Full depth: never stop before the final exit."""
 
     needs_all_heads = False
+    needs_residuals = False  # reads r_l / ||pool(h_l)|| (the model skips them otherwise)
 
     def __call__(self, obs: ExitObservation) -> torch.Tensor:
         return torch.zeros_like(obs.prediction, dtype=torch.bool)
@@ -182,6 +183,7 @@ class StaticStop:
     """Stop at the first exit whose 0-based layer index is >= `layer`."""
 
     needs_all_heads = False
+    needs_residuals = False  # reads r_l / ||pool(h_l)|| (the model skips them otherwise)
 
     def __init__(self, layer: int):
         self.layer = int(layer)
@@ -194,6 +196,7 @@ class EntropyStop:
     """Stop when the entropy (nats) of the exit's distribution is <= `threshold` (DeeBERT)."""
 
     needs_all_heads = True
+    needs_residuals = False  # reads r_l / ||pool(h_l)|| (the model skips them otherwise)
 
     def __init__(self, threshold: float):
         self.threshold = float(threshold)
@@ -206,6 +209,7 @@ class ConfidenceStop:
     """Stop when the max probability is >= `threshold`."""
 
     needs_all_heads = True
+    needs_residuals = False  # reads r_l / ||pool(h_l)|| (the model skips them otherwise)
 
     def __init__(self, threshold: float):
         self.threshold = float(threshold)
@@ -218,6 +222,7 @@ class PatienceStop:
     """Stop once the argmax has been the same at `patience` consecutive earlier exits (PABEE)."""
 
     needs_all_heads = True
+    needs_residuals = False  # reads r_l / ||pool(h_l)|| (the model skips them otherwise)
 
     def __init__(self, patience: int):
         self.patience = int(patience)
@@ -235,6 +240,7 @@ class AstiBoundStop:
     """
 
     needs_all_heads = True
+    needs_residuals = True  # reads r_l / ||pool(h_l)|| (the model skips them otherwise)
 
     def __init__(self, cost: float, lipschitz: list[float]):
         self.cost = float(cost)
@@ -255,6 +261,7 @@ class AstiStop:
     """
 
     needs_all_heads = True
+    needs_residuals = True  # reads r_l / ||pool(h_l)|| (the model skips them otherwise)
 
     def __init__(self, cost: float, model: dict):
         self.cost = float(cost)

@@ -22,7 +22,7 @@ from .testing_utils import tiny_task, train_tiny_model
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    model, _ = train_tiny_model(str(tmp_path_factory.mktemp("tiny")), steps=80)
+    model, _ = train_tiny_model(str(tmp_path_factory.mktemp("tiny")), steps=150)
     return model
 
 

@@ -193,12 +193,18 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
     # ----------------------------------------------------------------------------------------------------------
     # Pieces of the exit computation (pooling, heads, FLOPs)
     # ----------------------------------------------------------------------------------------------------------
-    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(batch, seq, hidden) -> (batch, hidden): first token, or masked mean over real tokens."""
+    def _pool_weights(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """(batch, seq) attention mask -> (batch, 1, seq) masked-mean weights; `None` for `cls` pooling."""
         if self.config.exit_pooling == "cls":
+            return None
+        m = mask.to(dtype)
+        return (m / m.sum(-1, keepdim=True).clamp_min(1.0)).unsqueeze(1)
+
+    def _pool(self, hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """(batch, seq, hidden) -> (batch, hidden): first token, or the masked mean (one batched matmul)."""
+        if weights is None:
             return hidden[:, 0]
-        m = mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return torch.bmm(weights, hidden).squeeze(1)
 
     def _head(self, exit_index: int, pooled: torch.Tensor) -> torch.Tensor:
         """Logits (batch, num_labels) of exit position `exit_index` (0-based) from the pooled state."""
@@ -298,12 +304,13 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
         exit_layers = config.exit_layers
         num_exits = len(exit_layers)
         mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+        weights = self._pool_weights(attention_mask, hidden.dtype)
         exit_logits, ratios, norms = [], [], []
         k = 0
         for layer_index, layer in enumerate(self.bert.encoder.layer):
             is_exit = layer_index == exit_layers[k]
             if is_exit:
-                pooled_prev = self._pool(hidden, attention_mask)
+                pooled_prev = self._pool(hidden, weights)
             hidden = layer(hidden, mask)  # (batch, seq, hidden)
             if not is_exit:
                 continue
@@ -318,7 +325,7 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
                     # gradient equilibrium: the k-th exit and the trunk after it share the gradient into layer k
                     branch = _ScaleGradient.apply(hidden, 1.0 / (num_exits - k))
                     hidden = _ScaleGradient.apply(hidden, (num_exits - k - 1) / (num_exits - k))
-            pooled = self._pool(branch, attention_mask)
+            pooled = self._pool(branch, weights)
             ratios.append(
                 (pooled - pooled_prev).norm(dim=-1) / pooled_prev.norm(dim=-1).clamp_min(1e-6)
             )  # (batch,)
@@ -379,16 +386,20 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
 
         active = torch.arange(batch, device=device)  # original row of each running row
         mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+        weights = self._pool_weights(attention_mask, hidden.dtype)
         obs = None
+        last_pooled, last_pooled_layer = None, None  # pooled state of the last evaluated exit (reused as pool(h_{l-1}))
         for layer_index, layer in enumerate(self.bert.encoder.layer):
             k = exit_position.get(layer_index)
             evaluate = k is not None and k in evaluated
-            if evaluate and rule.needs_all_heads:
-                pooled_prev = self._pool(hidden, attention_mask)
+            if evaluate and rule.needs_residuals:
+                reuse = last_pooled_layer == layer_index - 1
+                pooled_prev = last_pooled if reuse else self._pool(hidden, weights)
             hidden = layer(hidden, mask)
             if not evaluate:
                 continue
-            pooled = self._pool(hidden, attention_mask)
+            pooled = self._pool(hidden, weights)
+            last_pooled, last_pooled_layer = pooled, layer_index
             logits = self._head(k, pooled)  # (active, num_labels)
             if k == last_evaluated:
                 stop = torch.ones(logits.shape[0], dtype=torch.bool, device=device)
@@ -398,10 +409,12 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
                     final_f[active] if k + 1 == num_exits - 1 else head_f[active]
                 )
                 full_f = config.num_hidden_layers * layer_f[active] + final_f[active]
-                ratio = (pooled - pooled_prev).norm(dim=-1) / pooled_prev.norm(dim=-1).clamp_min(1e-6)
-                obs = observe(
-                    k, layer_index, logits, temperatures[k], obs, ratio, pooled.norm(dim=-1), next_f / full_f
-                )
+                if rule.needs_residuals:
+                    ratio = (pooled - pooled_prev).norm(dim=-1) / pooled_prev.norm(dim=-1).clamp_min(1e-6)
+                    norm = pooled.norm(dim=-1)
+                else:  # the rule never reads them
+                    ratio = norm = torch.ones_like(next_f)
+                obs = observe(k, layer_index, logits, temperatures[k], obs, ratio, norm, next_f / full_f)
                 stop = rule(obs)
             rows = active[stop]
             out_logits[rows] = logits[stop].to(out_logits.dtype)
@@ -412,12 +425,13 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
             keep = ~stop
             if not bool(keep.all()):
                 active, hidden, attention_mask = active[keep], hidden[keep], attention_mask[keep]
-                obs = obs.select(keep)
+                obs, last_pooled = obs.select(keep), last_pooled[keep]
                 # drop padding columns no remaining row needs (right padding: a suffix), then rebuild the mask
                 width = int(attention_mask.sum(-1).max())
                 if width < attention_mask.shape[1] and bool(attention_mask[:, width:].eq(0).all()):
                     hidden, attention_mask = hidden[:, :width], attention_mask[:, :width]
                 mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+                weights = self._pool_weights(attention_mask, hidden.dtype)
 
         # FLOPs used per row: the layers it ran, the head it stopped at, and (rules that look at every exit) the
         # heads of the earlier exits; counted once here rather than with per-layer bookkeeping on the hot path.
