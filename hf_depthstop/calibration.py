@@ -15,7 +15,9 @@
    - `target_type="risk_controlled"`: Learn-then-Test. Settings are tested from the most conservative to the
      most aggressive with an exact binomial test of H0: P(full model right and rule wrong) > target, at level
      `epsilon`, stopping at the first failure; the last rejected setting has accuracy drop <= target with
-     probability >= 1 - epsilon (that event upper-bounds the drop);
+     probability >= 1 - epsilon (that event upper-bounds the drop). The guarantee is exact for the fixed rules;
+     for `asti` the tests score the cross-fitted probabilities, so it holds only approximately for the refitted
+     estimator that is stored;
 4. reports the oracle floor: the compute if each example stopped at the first exit after which its prediction
    never changes (full-depth accuracy, exactly).
 
