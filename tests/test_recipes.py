@@ -29,7 +29,8 @@ def test_quickstart_recipe_end_to_end(tmp_path, capsys):
     rows = {r["rule"]: r for r in results["test"]["batch_32"]}
     assert set(rows) == {"none", "static", "entropy", "confidence", "patience", "asti_bound", "asti"}
     assert rows["none"]["speedup"] == 1.0 and rows["none"]["compute_fraction"] == pytest.approx(1.0)
-    assert all(0 < r["compute_fraction"] <= 1.0 + 1e-6 for r in rows.values())
+    # a rule that evaluates every exit head and still runs to full depth spends a little more than the full model
+    assert all(0 < r["compute_fraction"] <= 1.01 for r in rows.values())
     saved = json.loads((out / "depthstop_results.json").read_text())
     assert saved["calibration"]["settings"].keys() == results["calibration"]["settings"].keys()
     model = AutoModelForSequenceClassification.from_pretrained(out)
