@@ -265,21 +265,26 @@ class AstiStop:
 
     def __init__(self, cost: float, model: dict):
         self.cost = float(cost)
-        # float64: the same arithmetic as the calibration's offline scoring, so thresholds tie identically
-        self.mean = [torch.tensor(m, dtype=torch.float64) for m in model["mean"]]
-        self.std = [torch.tensor(s, dtype=torch.float64) for s in model["std"]]
-        self.coef = [torch.tensor(c, dtype=torch.float64) for c in model["coef"]]
-        self.intercept = list(model["intercept"])
+        # float64: the same arithmetic as the calibration's offline scoring. The standardisation is folded into the
+        # weights once: z = ((x - mean) / std) @ coef + b = x @ (coef / std) + (b - mean @ (coef / std)).
+        self.weight, self.bias = [], []
+        for mean, std, coef, intercept in zip(model["mean"], model["std"], model["coef"], model["intercept"]):
+            w = torch.tensor(coef, dtype=torch.float64) / torch.tensor(std, dtype=torch.float64)
+            self.weight.append(w)
+            self.bias.append(float(intercept) - float(torch.tensor(mean, dtype=torch.float64) @ w))
+
+    def logit_same(self, obs: ExitObservation) -> torch.Tensor:
+        """The logit z of P(prediction here == final prediction), shape `(batch_size,)`, float64 (+inf at the final
+        exit, which is the final prediction)."""
+        k = obs.exit_index
+        if k >= len(self.weight):
+            return torch.full_like(obs.max_prob, math.inf, dtype=torch.float64)
+        x = asti_features(obs).double()
+        return x @ self.weight[k].to(x.device) + self.bias[k]
 
     def probability_same(self, obs: ExitObservation) -> torch.Tensor:
         """P(prediction at this exit == final prediction), shape `(batch_size,)`, float64."""
-        k = obs.exit_index
-        if k >= len(self.coef):  # the final exit is the final prediction
-            return torch.ones_like(obs.max_prob, dtype=torch.float64)
-        x = asti_features(obs).double()
-        device = x.device
-        z = ((x - self.mean[k].to(device)) / self.std[k].to(device)) @ self.coef[k].to(device) + self.intercept[k]
-        return torch.sigmoid(z)
+        return torch.sigmoid(self.logit_same(obs))
 
     def __call__(self, obs: ExitObservation) -> torch.Tensor:
         return 1.0 - self.probability_same(obs) <= self.cost

@@ -384,6 +384,11 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
         last_evaluated = max(evaluated)
         exit_position = {layer: k for k, layer in enumerate(exit_layers)}
 
+        if rule.needs_all_heads:  # compute fraction from each exit to the next, per row: (batch, num_exits - 1)
+            full = config.num_hidden_layers * layer_f + final_f
+            gaps = torch.tensor(exit_layers, dtype=layer_f.dtype, device=device).diff()
+            next_heads = torch.stack([head_f] * (num_exits - 2) + [final_f], dim=1)
+            next_fraction = ((gaps[None, :] * layer_f[:, None] + next_heads) / full[:, None]).float()
         active = torch.arange(batch, device=device)  # original row of each running row
         mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
         weights = self._pool_weights(attention_mask, hidden.dtype)
@@ -404,17 +409,13 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
             if k == last_evaluated:
                 stop = torch.ones(logits.shape[0], dtype=torch.bool, device=device)
             else:
-                next_layer = exit_layers[k + 1]
-                next_f = (next_layer - layer_index) * layer_f[active] + (
-                    final_f[active] if k + 1 == num_exits - 1 else head_f[active]
-                )
-                full_f = config.num_hidden_layers * layer_f[active] + final_f[active]
+                next_f = next_fraction[:, k]
                 if rule.needs_residuals:
                     ratio = (pooled - pooled_prev).norm(dim=-1) / pooled_prev.norm(dim=-1).clamp_min(1e-6)
                     norm = pooled.norm(dim=-1)
                 else:  # the rule never reads them
                     ratio = norm = torch.ones_like(next_f)
-                obs = observe(k, layer_index, logits, temperatures[k], obs, ratio, norm, next_f / full_f)
+                obs = observe(k, layer_index, logits, temperatures[k], obs, ratio, norm, next_f)
                 stop = rule(obs)
             rows = active[stop]
             out_logits[rows] = logits[stop].to(out_logits.dtype)
@@ -425,7 +426,7 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
             keep = ~stop
             if not bool(keep.all()):
                 active, hidden, attention_mask = active[keep], hidden[keep], attention_mask[keep]
-                obs, last_pooled = obs.select(keep), last_pooled[keep]
+                obs, last_pooled, next_fraction = obs.select(keep), last_pooled[keep], next_fraction[keep]
                 # drop padding columns no remaining row needs (right padding: a suffix), then rebuild the mask
                 width = int(attention_mask.sum(-1).max())
                 if width < attention_mask.shape[1] and bool(attention_mask[:, width:].eq(0).all()):
