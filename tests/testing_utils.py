@@ -43,12 +43,13 @@ def train_tiny_model(tmp_dir: str, steps: int = 60, seed: int = 0, **config_kwar
         tmp_dir, per_device_train_batch_size=32, max_steps=steps, learning_rate=3e-3, report_to="none",
         save_strategy="no", use_cpu=True, disable_tqdm=True, seed=seed, exit_weighting="uniform", logging_steps=10,
     )
-    trainer = DepthStopTrainer(model=model, args=args, train_dataset=train, data_collator=_pad_collator)
+    trainer = DepthStopTrainer(model=model, args=args, train_dataset=train, data_collator=pad_collator)
     trainer.train()
     return trainer.model.eval(), trainer
 
 
-def _pad_collator(features):
+def pad_collator(features):
+    """Right-pads `input_ids` / `attention_mask` and stacks `label` into `labels`."""
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.zeros(len(features), width, dtype=torch.long)
     mask = torch.zeros(len(features), width, dtype=torch.long)
@@ -58,5 +59,3 @@ def _pad_collator(features):
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([f["label"] for f in features])}
 
-
-pad_collator = _pad_collator
