@@ -36,6 +36,7 @@ from transformers.utils import logging
 from .stopping import (
     RULE_PARAMETERS,
     STOPPING_RULES,
+    AstiBoundStop,
     AstiStop,
     ExitObservation,
     asti_features,
@@ -281,8 +282,7 @@ def _candidates(name: str, observations: list[ExitObservation], oof: np.ndarray 
     if name == "asti_bound":
         ratios = []
         for o in observations[:-1]:
-            bound = lipschitz[o.exit_index] * o.state_norm * o.residual_ratio * o.rho.clamp(max=1.0)
-            ratios.append(bound / o.next_compute.clamp_min(1e-12))
+            ratios.append(AstiBoundStop.bound(o, lipschitz) / o.next_compute.clamp_min(1e-12))
         vals = torch.cat(ratios).numpy()
         grid = np.unique(np.concatenate([np.quantile(vals, np.linspace(0, 1, 301)), [0.0]]))
         return [float(v) for v in grid]

@@ -169,21 +169,33 @@ def asti_features(obs: ExitObservation) -> torch.Tensor:
     )
 
 
-class NoStop:
+class StoppingRule:
+    """Base of the rules: `rule(obs)` returns `torch.BoolTensor` of shape `(batch_size,)`, "stop here".
+
+    `needs_all_heads`: the rule reads every exit (otherwise the model runs only the head where rows stop).
+    `needs_residuals`: the rule reads r_l and ||pool(h_l)|| (otherwise the model skips computing them).
+    """
+
+    needs_all_heads = True
+    needs_residuals = False
+
+    def __call__(self, obs: ExitObservation) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NoStop(StoppingRule):
     """Full depth: never stop before the final exit."""
 
     needs_all_heads = False
-    needs_residuals = False  # reads r_l / ||pool(h_l)|| (the model skips them otherwise)
 
     def __call__(self, obs: ExitObservation) -> torch.Tensor:
         return torch.zeros_like(obs.prediction, dtype=torch.bool)
 
 
-class StaticStop:
+class StaticStop(StoppingRule):
     """Stop at the first exit whose 0-based layer index is >= `layer`."""
 
     needs_all_heads = False
-    needs_residuals = False  # reads r_l / ||pool(h_l)|| (the model skips them otherwise)
 
     def __init__(self, layer: int):
         self.layer = int(layer)
@@ -192,11 +204,9 @@ class StaticStop:
         return torch.full_like(obs.prediction, obs.layer_index >= self.layer, dtype=torch.bool)
 
 
-class EntropyStop:
+class EntropyStop(StoppingRule):
     """Stop when the entropy (nats) of the exit's distribution is <= `threshold` (DeeBERT)."""
 
-    needs_all_heads = True
-    needs_residuals = False  # reads r_l / ||pool(h_l)|| (the model skips them otherwise)
 
     def __init__(self, threshold: float):
         self.threshold = float(threshold)
@@ -205,11 +215,9 @@ class EntropyStop:
         return obs.entropy <= self.threshold
 
 
-class ConfidenceStop:
+class ConfidenceStop(StoppingRule):
     """Stop when the max probability is >= `threshold`."""
 
-    needs_all_heads = True
-    needs_residuals = False  # reads r_l / ||pool(h_l)|| (the model skips them otherwise)
 
     def __init__(self, threshold: float):
         self.threshold = float(threshold)
@@ -218,11 +226,9 @@ class ConfidenceStop:
         return obs.max_prob >= self.threshold
 
 
-class PatienceStop:
+class PatienceStop(StoppingRule):
     """Stop once the argmax has been the same at `patience` consecutive earlier exits (PABEE)."""
 
-    needs_all_heads = True
-    needs_residuals = False  # reads r_l / ||pool(h_l)|| (the model skips them otherwise)
 
     def __init__(self, patience: int):
         self.patience = int(patience)
@@ -231,7 +237,7 @@ class PatienceStop:
         return obs.agree_count >= self.patience
 
 
-class AstiBoundStop:
+class AstiBoundStop(StoppingRule):
     """Stop when K_l * ||pool(h_l)|| * r_l * rho_l <= cost * next_compute (the diminishing-returns bound).
 
     Args:
@@ -239,19 +245,22 @@ class AstiBoundStop:
         lipschitz (`list[float]`): K_l per exit position, the spectral norm of the next exit head's weight.
     """
 
-    needs_all_heads = True
-    needs_residuals = True  # reads r_l / ||pool(h_l)|| (the model skips them otherwise)
+    needs_residuals = True
 
     def __init__(self, cost: float, lipschitz: list[float]):
         self.cost = float(cost)
         self.lipschitz = list(lipschitz)
 
+    @staticmethod
+    def bound(obs: ExitObservation, lipschitz: list[float]) -> torch.Tensor:
+        """K_l * ||pool(h_l)|| * r_l * min(rho_l, 1): what the next block can move the logits by, `(batch_size,)`."""
+        return lipschitz[obs.exit_index] * obs.state_norm * obs.residual_ratio * obs.rho.clamp(max=1.0)
+
     def __call__(self, obs: ExitObservation) -> torch.Tensor:
-        bound = self.lipschitz[obs.exit_index] * obs.state_norm * obs.residual_ratio * obs.rho.clamp(max=1.0)
-        return bound <= self.cost * obs.next_compute
+        return self.bound(obs, self.lipschitz) <= self.cost * obs.next_compute
 
 
-class AstiStop:
+class AstiStop(StoppingRule):
     """Stop iff 1 - P(prediction here == final prediction) <= `cost`, P from the fitted per-exit logistic models.
 
     Args:
@@ -260,8 +269,7 @@ class AstiStop:
             `intercept` (float), one entry per non-final exit position.
     """
 
-    needs_all_heads = True
-    needs_residuals = True  # reads r_l / ||pool(h_l)|| (the model skips them otherwise)
+    needs_residuals = True
 
     def __init__(self, cost: float, model: dict):
         self.cost = float(cost)

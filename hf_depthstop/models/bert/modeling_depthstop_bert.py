@@ -113,28 +113,35 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """[`PreTrainedModel.from_pretrained`], plus: a clear error when `num_labels` contradicts a fine-tuned
         checkpoint's head, and one warning naming the exit heads that are new (randomly initialised)."""
-        num_labels = kwargs.get("num_labels")
-        if num_labels is not None and not kwargs.get("ignore_mismatched_sizes", False) and "config" not in kwargs:
-            config_dict, _ = cls.config_class.get_config_dict(
+        num_labels, requested = kwargs.get("num_labels"), kwargs.get("exit_layers")
+        if (num_labels is not None or requested is not None) and "config" not in kwargs:
+            config_dict, _ = cls.config_class.get_config_dict(  # read once, for both checks
                 pretrained_model_name_or_path,
                 **{k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs},
             )
             archs = config_dict.get("architectures") or []
             saved = len(config_dict["id2label"]) if config_dict.get("id2label") else None
-            if saved is not None and saved != num_labels and any("SequenceClassification" in a for a in archs):
+            if (
+                num_labels is not None
+                and not kwargs.get("ignore_mismatched_sizes", False)
+                and saved is not None
+                and saved != num_labels
+                and any("SequenceClassification" in a for a in archs)
+            ):
                 raise ValueError(
                     f"num_labels={num_labels} does not match the checkpoint's classification head ({saved} labels) "
                     f"in {pretrained_model_name_or_path!r}; pass ignore_mismatched_sizes=True to re-initialise the heads"
                 )
-        requested = kwargs.get("exit_layers")
-        if requested is not None and "config" not in kwargs:
-            config_dict, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path)
-            saved = config_dict.get("exit_layers")
-            if saved is not None and sorted(set(requested) | {config_dict["num_hidden_layers"] - 1}) != saved:
+            saved_exits = config_dict.get("exit_layers")
+            if (
+                requested is not None
+                and saved_exits is not None
+                and sorted(set(requested) | {config_dict["num_hidden_layers"] - 1}) != saved_exits
+            ):
                 raise ValueError(
-                    f"exit_layers={requested} differs from the checkpoint's exit_layers={saved}: exit heads are stored "
-                    "by position, so they would land on the wrong layers. Load with the saved exit layers, or from "
-                    "the backbone checkpoint the heads were not trained on"
+                    f"exit_layers={requested} differs from the checkpoint's exit_layers={saved_exits}: exit heads are "
+                    "stored by position, so they would land on the wrong layers. Load with the saved exit layers, or "
+                    "from the backbone checkpoint the heads were not trained on"
                 )
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
@@ -385,10 +392,7 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
         exit_position = {layer: k for k, layer in enumerate(exit_layers)}
 
         if rule.needs_all_heads:  # compute fraction from each exit to the next, per row: (batch, num_exits - 1)
-            full = config.num_hidden_layers * layer_f + final_f
-            gaps = torch.tensor(exit_layers, dtype=layer_f.dtype, device=device).diff()
-            next_heads = torch.stack([head_f] * (num_exits - 2) + [final_f], dim=1)
-            next_fraction = ((gaps[None, :] * layer_f[:, None] + next_heads) / full[:, None]).float()
+            next_fraction = self.exit_compute_fractions(attention_mask).diff(dim=1)  # as calibration computes it
         active = torch.arange(batch, device=device)  # original row of each running row
         mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
         weights = self._pool_weights(attention_mask, hidden.dtype)
