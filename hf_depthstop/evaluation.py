@@ -30,7 +30,7 @@ def run_rule(model, dataset, rule: str, params: dict, batch_size: int = 64, sort
     """
     model.eval()
     device = next(model.parameters()).device
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    pad = getattr(model.config, "pad_token_id", None) or 0
     batches = list(iterate_batches(dataset, batch_size, pad, device, sort_by_length=sort_by_length))
     n = len(dataset)
     preds, labels = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)

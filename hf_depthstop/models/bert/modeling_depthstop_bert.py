@@ -243,6 +243,17 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
             fractions.append(((layer_index + 1) * layer + heads) / full)
         return torch.stack(fractions, dim=1).float()
 
+    def _exit_fractions(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute fractions of a batch dict (`attention_mask` read): `(all_heads, single_head)`, each float32
+        `(batch, num_exits)`: C_k when every head up to exit k ran (rules reading all exits), and when only exit k's
+        head ran (`static`)."""
+        mask = inputs["attention_mask"]
+        all_heads = self.exit_compute_fractions(mask)
+        layer, head, final = self._flops(mask.sum(-1))
+        earlier = torch.arange(all_heads.shape[1], device=mask.device, dtype=torch.float64)[None, :] * head[:, None]
+        single = all_heads.double() - earlier / (self.config.num_hidden_layers * layer + final)[:, None]
+        return all_heads, single.float()
+
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
