@@ -6,15 +6,19 @@
                                                    #   --threads 2 --max_examples_batch1 500
     python benchmarks/bench_inference.py --max_examples 200 --max_examples_batch1 30 --repeats 1 \\
         --output_prefix /tmp/bench_test/inference  # a quick smoke run
+    python benchmarks/bench_inference.py --model outputs/mnist_resnet --output_prefix benchmarks/results/inference_resnet
+    python benchmarks/bench_inference.py --model outputs/mnist_vit --output_prefix benchmarks/results/inference_vit
 
-On a saved, calibrated quickstart model and the tweet test split (`load_tweet_sentiment(8000, 2000, 2000, seed=0)`,
-tokenized with the model directory's tokenizer, max_length 64, shuffled once with `--seed`: random order, like real
-traffic), each batch size compares:
+On a saved, calibrated model and its test split, shuffled once with `--seed` (random order, like real traffic): a
+BERT classifier on the tweet test split (`load_tweet_sentiment(8000, 2000, 2000, seed=0)`, tokenized with the model
+directory's tokenizer, max_length 64); a ViT or ResNet on the MNIST test split (`load_mnist()`, 10k images).
+Each batch size compares:
 
-- `stock`: what a user deploys without hf_depthstop: a `transformers.BertModel` (sdpa attention) holding the same
-  backbone weights, then masked mean pooling + the model's final `classifier` (`exit_pooling="mean"`), or a stock
-  `BertForSequenceClassification` (pooler + classifier) when the model uses `exit_pooling="cls"`. Its logits are
-  checked against rule `none` (max |diff| <= 1e-4);
+- `stock`: what a user deploys without hf_depthstop, holding the same weights: for BERT a `transformers.BertModel`
+  (sdpa attention) then masked mean pooling + the model's final `classifier` (`exit_pooling="mean"`), or a stock
+  `BertForSequenceClassification` (pooler + classifier) when the model uses `exit_pooling="cls"`; for images the stock
+  `ViTForImageClassification` / `ResNetForImageClassification`. Its logits are checked against rule `none` (max
+  |diff| <= 1e-4);
 - rule `none` and every calibrated rule at its calibrated setting (`rules_from_calibration`), run live;
 - the oracle floor (each example stops at the first exit after which its prediction never changes), from full-depth
   exit logits: accuracy and compute only, since no rule can know the future, so it has no wall-clock.
@@ -44,19 +48,38 @@ import numpy as np
 import torch
 import transformers
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 import hf_depthstop
-from hf_depthstop import DepthStopBertForSequenceClassification
 from hf_depthstop.calibration import CALIBRATED_RULES, iterate_batches
-from hf_depthstop.data import load_tweet_sentiment, tokenize_for_classification
+from hf_depthstop.data import load_mnist, load_tweet_sentiment, tokenize_for_classification
 from hf_depthstop.evaluation import rules_from_calibration
 from hf_depthstop.stopping import RULE_PARAMETERS
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUTPUT_PREFIX = os.path.join(HERE, "results", "inference")
-QUICKSTART_HINT = "run the quickstart first: `python recipes/quickstart.py` (it saves outputs/quickstart)"
+QUICKSTART_HINT = (
+    "run the quickstart first: `python recipes/quickstart.py` (it saves outputs/quickstart), or for images "
+    "`python recipes/train_image_classifier.py --config recipes/configs/mnist_resnet.yaml` (outputs/mnist_resnet)"
+)
+# model_type -> (Auto class, stock class, stock config class) for the image classifiers
+IMAGE_MODELS = {
+    "depthstop_vit": (ViTForImageClassification, ViTConfig),
+    "depthstop_resnet": (ResNetForImageClassification, ResNetConfig),
+}
 LOGIT_TOLERANCE = 1e-4
 # BertConfig fields copied from the depthstop config into the stock model's config (everything that sizes it).
 BERT_FIELDS = (
@@ -87,23 +110,36 @@ class StockMeanPoolClassifier(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
-class StockClsClassifier(nn.Module):
-    """Stock `BertForSequenceClassification` (pooler + dropout + classifier); returns logits."""
+class StockLogits(nn.Module):
+    """A stock transformers classifier (`BertForSequenceClassification`, `ViTForImageClassification`,
+    `ResNetForImageClassification`) returning its logits `(batch_size, num_labels)`."""
 
-    def __init__(self, model: BertForSequenceClassification):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+    def forward(self, **inputs):
+        return self.model(**inputs).logits
 
 
-def load_depthstop(model_dir: str) -> DepthStopBertForSequenceClassification:
+def is_image_model(model) -> bool:
+    return model.config.model_type in IMAGE_MODELS
+
+
+def load_depthstop(model_dir: str):
     if not os.path.isdir(model_dir):
         raise SystemExit(f"error: model directory {model_dir!r} does not exist; {QUICKSTART_HINT}")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise SystemExit(f"error: {model_dir!r} has no config.json (not a saved model); {QUICKSTART_HINT}")
-    model = DepthStopBertForSequenceClassification.from_pretrained(model_dir, attn_implementation="sdpa")
+    model_type = AutoConfig.from_pretrained(model_dir).model_type
+    if model_type == "depthstop_resnet":
+        model = AutoModelForImageClassification.from_pretrained(model_dir)
+    elif model_type in IMAGE_MODELS:
+        model = AutoModelForImageClassification.from_pretrained(model_dir, attn_implementation="sdpa")
+    elif model_type == "depthstop_bert":
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="sdpa")
+    else:
+        raise SystemExit(f"error: {model_dir!r} holds a {model_type!r} model, not an hf_depthstop classifier")
     if model.config.calibration is None:
         raise SystemExit(
             f"error: the model in {model_dir!r} has no calibration (model.config.calibration is None), so its "
@@ -115,16 +151,29 @@ def load_depthstop(model_dir: str) -> DepthStopBertForSequenceClassification:
     return model.eval()
 
 
-def build_stock(model: DepthStopBertForSequenceClassification) -> nn.Module:
-    """The same weights in plain transformers classes (sdpa attention)."""
+def build_stock(model) -> nn.Module:
+    """The same weights in plain transformers classes (sdpa attention where there is attention)."""
     c = model.config
+    if is_image_model(model):
+        stock_class, config_class = IMAGE_MODELS[c.model_type]
+        fields = config_class().to_dict()
+        kwargs = {k: v for k, v in c.to_dict().items() if k in fields and k not in ("model_type", "architectures")}
+        if c.model_type == "depthstop_vit":
+            kwargs["attn_implementation"] = "sdpa"
+        stock = stock_class(config_class(**kwargs))
+        ours = model.state_dict()
+        missing = [k for k in stock.state_dict() if k not in ours]
+        if missing:
+            raise SystemExit(f"error: the stock {stock_class.__name__} needs weights the model lacks: {missing[:5]}")
+        stock.load_state_dict({k: ours[k] for k in stock.state_dict()})
+        return StockLogits(stock).eval()
     kwargs = {name: getattr(c, name) for name in BERT_FIELDS}
     if c.exit_pooling == "cls":
         config = BertConfig(**kwargs, num_labels=c.num_labels, attn_implementation="sdpa")
         stock = BertForSequenceClassification(config)
         stock.bert.load_state_dict(model.bert.state_dict())  # includes the pooler
         stock.classifier.load_state_dict(model.classifier.state_dict())
-        stock = StockClsClassifier(stock)
+        stock = StockLogits(stock)
     else:
         config = BertConfig(**kwargs, attn_implementation="sdpa")
         bert = BertModel(config, add_pooling_layer=False)
@@ -136,7 +185,13 @@ def build_stock(model: DepthStopBertForSequenceClassification) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
-def load_test_split(model_dir: str, seed: int, max_examples: int | None):
+def load_test_split(model, model_dir: str, seed: int, max_examples: int | None):
+    if is_image_model(model):
+        test = load_mnist()["test"]
+        order = np.random.default_rng(seed).permutation(len(test))  # random order, like real traffic
+        if max_examples is not None:
+            order = order[:max_examples]
+        return test.select(order.tolist()), len(test)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
@@ -349,18 +404,22 @@ def report_markdown(meta: dict, results: list[dict], consistency: dict | None) -
         f"- machine: {meta['machine']} ({meta['nproc']} CPUs), torch threads: {meta['threads']}, "
         f"load average at start / end: {meta['loadavg_start']} / {meta['loadavg_end']}"
         + (" (**busy machine at start: wall-clock numbers are noisy**)" if meta["busy_at_start"] else ""),
-        f"- model: `{meta['model']}` ({meta['num_hidden_layers']} layers, exits after layers {meta['exit_layers']}, "
-        f"exit_pooling={meta['exit_pooling']}, attention {meta['attn_implementation']}); calibration "
+        f"- model: `{meta['model']}` ({meta['model_type']}, {meta['num_hidden_layers']} blocks, exits after "
+        f"{meta['exit_layers']}, exit_pooling={meta['exit_pooling']}, attention {meta['attn_implementation']}); calibration "
         f"{meta['calibration_target_type']} target {meta['calibration_target']}; saved rule `{meta['saved_rule']}`",
-        f"- data: tweet sentiment test split ({meta['test_size']} examples, load_tweet_sentiment(8000, 2000, 2000, "
-        f"seed=0)), max_length 64, shuffled once (seed {meta['seed']}), batches in that order (no length sorting)",
+        (f"- data: MNIST test split ({meta['test_size']} images, load_mnist()), shuffled once (seed {meta['seed']})"
+         if meta["model_type"] in IMAGE_MODELS else
+         f"- data: tweet sentiment test split ({meta['test_size']} examples, load_tweet_sentiment(8000, 2000, 2000, "
+         f"seed=0)), max_length 64, shuffled once (seed {meta['seed']}), batches in that order (no length sorting)"),
         f"- timing: {meta['repeats']} repeat(s), {meta['warmup_batches']} warm-up batch(es) per configuration, "
         "configurations alternated within each repeat with the order rotated per repeat, batches built before the "
         "clock starts, torch.inference_mode(). Wall-clock speed-up = median seconds of stock / of the configuration; "
         "paired speed-up = median over repeats of the same-repeat ratio.",
-        "- stock = plain transformers `BertModel` (sdpa) with the same weights + "
-        + ("the stock `BertForSequenceClassification` pooler + classifier" if meta["exit_pooling"] == "cls"
-           else "masked mean pooling + the model's final classifier")
+        ("- stock = the plain transformers `" + IMAGE_MODELS[meta["model_type"]][0].__name__ + "` with the same weights"
+         if meta["model_type"] in IMAGE_MODELS else
+         "- stock = plain transformers `BertModel` (sdpa) with the same weights + "
+         + ("the stock `BertForSequenceClassification` pooler + classifier" if meta["exit_pooling"] == "cls"
+            else "masked mean pooling + the model's final classifier"))
         + "; compute (FLOPs) is the mean fraction of the full model's FLOPs; mean exit layer is 0-based.",
         "",
     ]
@@ -410,7 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_sizes", type=parse_batch_sizes, default=[1, 64], help="comma-separated, e.g. 1,64")
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds (median over them)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--max_examples", type=int, default=None, help="cap on test examples (default: all 2000)")
+    parser.add_argument("--max_examples", type=int, default=None, help="cap on test examples (default: the whole test split)")
     parser.add_argument(
         "--max_examples_batch1", type=int, default=500,
         help="batch 1 runs on a fixed random subset of this many test examples (0: all of them)",
@@ -440,8 +499,8 @@ def main(argv: list[str] | None = None) -> dict:
     order = ["none", *CALIBRATED_RULES]
     rules = {name: calibrated[name] for name in sorted(calibrated, key=lambda r: order.index(r) if r in order else 99)}
     stock = build_stock(model)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    dataset, test_size = load_test_split(args.model, args.seed, args.max_examples)
+    pad = getattr(model.config, "pad_token_id", None) or 0
+    dataset, test_size = load_test_split(model, args.model, args.seed, args.max_examples)
     print(f"model {args.model}: rules {', '.join(rules)}; {len(dataset)} test examples; {args.threads} threads",
           flush=True)
 
@@ -494,9 +553,9 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "num_hidden_layers": model.config.num_hidden_layers,
         "exit_layers": list(model.config.exit_layers),
-        "exit_pooling": model.config.exit_pooling,
+        "model_type": model.config.model_type,
+        "exit_pooling": getattr(model.config, "exit_pooling", None),
         "attn_implementation": model.config._attn_implementation,
-        "stock_attn_implementation": (stock.bert if hasattr(stock, "bert") else stock.model.bert).config._attn_implementation,
         "calibration_target_type": calib.get("target_type"),
         "calibration_target": calib.get("target"),
         "saved_rule": saved_rule,
