@@ -59,3 +59,29 @@ def pad_collator(features):
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([f["label"] for f in features])}
 
+
+
+def tiny_vit_config(**kwargs):
+    """A tiny early-exit ViT config: 16x16 single-channel images, 4x4 patches (17 tokens), 4 layers, 3 labels."""
+    from hf_depthstop import DepthStopViTConfig
+
+    values = dict(
+        image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=37, num_labels=3,
+    )
+    values.update(kwargs)
+    return DepthStopViTConfig(**values)
+
+
+def tiny_image_task(n: int, seed: int = 0, image_size: int = 16, num_channels: int = 1) -> datasets.Dataset:
+    """Noisy images whose label (0-2) is the horizontal band (top, middle, bottom) holding a bright bar; the bar's
+    contrast varies per image, so some images are easy (decided early) and some hard. Columns `pixel_values`
+    (num_channels, image_size, image_size) floats and `label`."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    contrast = torch.rand(n, generator=g) * 1.5 + 0.2
+    images = torch.randn(n, num_channels, image_size, image_size, generator=g) * 0.5
+    band = image_size // 3
+    for i, (y, c) in enumerate(zip(labels.tolist(), contrast.tolist())):
+        images[i, :, y * band : (y + 1) * band] += c
+    return datasets.Dataset.from_dict({"pixel_values": images.numpy(), "label": labels.tolist()})
