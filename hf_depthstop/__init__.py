@@ -6,13 +6,29 @@ L_depth (a depth regularizer applied by `DepthStopTrainer`) and ASTI (a per-exam
 us: the formulas are this project's own derivation from its stated theorem.
 """
 
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+)
 
 from .calibration import CalibrationReport, calibrate
 from .evaluation import compare_rules
+from .generation import calibrate_lm
+from .hub import DepthStopHubMixin, HubPushError
 from .losses import DepthLossSpec, depth_stop_loss
-from .modeling_outputs import DepthStopSequenceClassifierOutput
+from .modelcard import write_model_card
+from .modeling_outputs import (
+    DepthStopCausalLMOutputWithPast,
+    DepthStopGenerateOutput,
+    DepthStopSequenceClassifierOutput,
+)
 from .models.bert import DepthStopBertConfig, DepthStopBertForSequenceClassification
+from .models.gpt2 import DepthStopGPT2Config, DepthStopGPT2LMHeadModel
+from .models.llama import DepthStopLlamaConfig, DepthStopLlamaForCausalLM
+from .models.resnet import DepthStopResNetConfig, DepthStopResNetForImageClassification
+from .models.vit import DepthStopViTConfig, DepthStopViTForImageClassification
 from .stopping import STOPPING_RULES
 from .trainer import DepthStopTrainer
 from .training_args import DepthStopTrainingArguments
@@ -25,6 +41,14 @@ AutoConfig.register(DepthStopBertConfig.model_type, DepthStopBertConfig, exist_o
 AutoModelForSequenceClassification.register(
     DepthStopBertConfig, DepthStopBertForSequenceClassification, exist_ok=True
 )
+AutoConfig.register(DepthStopLlamaConfig.model_type, DepthStopLlamaConfig, exist_ok=True)
+AutoModelForCausalLM.register(DepthStopLlamaConfig, DepthStopLlamaForCausalLM, exist_ok=True)
+AutoConfig.register(DepthStopGPT2Config.model_type, DepthStopGPT2Config, exist_ok=True)
+AutoModelForCausalLM.register(DepthStopGPT2Config, DepthStopGPT2LMHeadModel, exist_ok=True)
+AutoConfig.register(DepthStopViTConfig.model_type, DepthStopViTConfig, exist_ok=True)
+AutoModelForImageClassification.register(DepthStopViTConfig, DepthStopViTForImageClassification, exist_ok=True)
+AutoConfig.register(DepthStopResNetConfig.model_type, DepthStopResNetConfig, exist_ok=True)
+AutoModelForImageClassification.register(DepthStopResNetConfig, DepthStopResNetForImageClassification, exist_ok=True)
 
 __all__ = [
     "STOPPING_RULES",
@@ -32,11 +56,25 @@ __all__ = [
     "DepthLossSpec",
     "DepthStopBertConfig",
     "DepthStopBertForSequenceClassification",
+    "DepthStopCausalLMOutputWithPast",
+    "DepthStopGPT2Config",
+    "DepthStopGPT2LMHeadModel",
+    "DepthStopGenerateOutput",
+    "DepthStopHubMixin",
+    "DepthStopLlamaConfig",
+    "DepthStopLlamaForCausalLM",
+    "DepthStopResNetConfig",
+    "DepthStopResNetForImageClassification",
     "DepthStopSequenceClassifierOutput",
     "DepthStopTrainer",
     "DepthStopTrainingArguments",
+    "DepthStopViTConfig",
+    "DepthStopViTForImageClassification",
+    "HubPushError",
     "__version__",
     "calibrate",
+    "calibrate_lm",
     "compare_rules",
     "depth_stop_loss",
+    "write_model_card",
 ]

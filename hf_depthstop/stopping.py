@@ -142,21 +142,32 @@ def observe(
     )
 
 
-def asti_features(obs: ExitObservation) -> torch.Tensor:
+ASTI_FEATURE_SETS = ("full", "compact")
+
+
+def asti_features(obs: ExitObservation, features: str = "full") -> torch.Tensor:
     """Features of the ASTI estimator at one exit.
 
+    Args:
+        features (`str`, defaults to `"full"`): `"full"` includes both probability vectors (right for a few classes);
+            `"compact"` drops them (right for a large vocabulary, e.g. decoder LMs). Stored in the ASTI model dict as
+            `"features"` (absent means `"full"`, so older calibrations keep working).
+
     Returns:
-        `torch.Tensor` of shape `(batch_size, 2 * num_labels + 7)`: the probability vector, the previous exit's
-        probability vector, max prob, margin, entropy, whether the argmax equals the previous exit's, the agreement
-        streak divided by the exit position + 1, the change of max prob since the previous exit, and log(r_l).
+        `torch.Tensor` of shape `(batch_size, 2 * num_labels + 7)` (`full`) or `(batch_size, 7)` (`compact`): the
+        probability vector and the previous exit's (`full` only), max prob, margin, entropy, whether the argmax equals
+        the previous exit's, the agreement streak divided by the exit position + 1, the change of max prob since the
+        previous exit, and log(r_l).
     """
+    if features not in ASTI_FEATURE_SETS:
+        raise ValueError(f"ASTI features must be one of {ASTI_FEATURE_SETS}, got {features!r}")
     prev_pred = obs.prev_probs.argmax(-1)
     agree_prev = (obs.prediction == prev_pred).float() if obs.exit_index > 0 else torch.zeros_like(obs.max_prob)
     delta_conf = obs.max_prob - obs.prev_probs.amax(-1)
+    vectors = [obs.probs, obs.prev_probs] if features == "full" else []
     return torch.cat(
         [
-            obs.probs,
-            obs.prev_probs,
+            *vectors,
             obs.max_prob[:, None],
             obs.margin[:, None],
             obs.entropy[:, None],
@@ -273,6 +284,7 @@ class AstiStop(StoppingRule):
 
     def __init__(self, cost: float, model: dict):
         self.cost = float(cost)
+        self.features = model.get("features", "full")
         # float64: the same arithmetic as the calibration's offline scoring. The standardisation is folded into the
         # weights once: z = ((x - mean) / std) @ coef + b = x @ (coef / std) + (b - mean @ (coef / std)).
         self.weight, self.bias = [], []
@@ -287,7 +299,7 @@ class AstiStop(StoppingRule):
         k = obs.exit_index
         if k >= len(self.weight):
             return torch.full_like(obs.max_prob, math.inf, dtype=torch.float64)
-        x = asti_features(obs).double()
+        x = asti_features(obs, self.features).double()
         return x @ self.weight[k].to(x.device) + self.bias[k]
 
     def probability_same(self, obs: ExitObservation) -> torch.Tensor:

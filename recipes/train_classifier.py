@@ -3,10 +3,16 @@
 
     python recipes/train_classifier.py --config recipes/configs/quickstart.yaml
     python recipes/train_classifier.py --config recipes/configs/quickstart.yaml --depth_loss_weight 0 --output_dir outputs/x
-    accelerate launch recipes/train_classifier.py --config ...
+    python recipes/train_classifier.py --config recipes/configs/quickstart.yaml --use_peft --lora_r 8
+    accelerate launch --multi_gpu --num_processes 2 recipes/train_classifier.py --config ...   # 2 CPU ranks (gloo)
+    python recipes/train_classifier.py --config recipes/configs/quickstart.yaml --push_to_hub --hub_model_id me/x
 
 The yaml file gives defaults; command-line flags override them. Fixed ending: train -> evaluate -> calibrate on the
 validation split -> every rule on the test split (accuracy, exits, compute, measured speed-up) -> save.
+With `--use_peft`, LoRA adapters and the exit heads train (the backbone stays frozen); the calibrated adapter is saved
+to `<output_dir>/adapter` (load it with `hf_depthstop.peft_utils.load_adapter`) and the merged model to `<output_dir>`.
+Under several processes (DDP), training and `evaluate` run on every rank (metrics reduced over ranks); calibration, the
+rule table and every file are the main process's alone.
 Defaults: the real all-MiniLM-L6-v2 (offline wheel) on the 3-class tweet sentiment set (offline wheel, fixed split).
 """
 
@@ -28,11 +34,14 @@ from hf_depthstop.data import (
     tokenize_for_classification,
 )
 from hf_depthstop.evaluation import compare_rules, rules_from_calibration, rules_table_markdown, run_rule
+from hf_depthstop.hub import upload_saved_folder
 from hf_depthstop.metrics import load_depthstop_metric
+from hf_depthstop.modelcard import write_model_card
+from hf_depthstop.peft_utils import PeftArguments, apply_peft, save_adapter
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(PeftArguments):  # --use_peft and the LoRA fields come from PeftArguments
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Any BERT checkpoint (path or Hub id). Default: the offline all-MiniLM-L6-v2."}
     )
@@ -72,8 +81,10 @@ def parse_args(argv: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def build_trainer(script_args: ScriptArguments, training_args: DepthStopTrainingArguments):
-    """Data, tokenizer, model and trainer for a run; returns `(trainer, tokenized_splits)`."""
+def build_trainer(
+    script_args: ScriptArguments, training_args: DepthStopTrainingArguments, callbacks: list | None = None
+):
+    """Data, tokenizer, model (LoRA-wrapped with `--use_peft`) and trainer; returns `(trainer, tokenized_splits)`."""
     if script_args.num_threads:
         torch.set_num_threads(script_args.num_threads)
     set_seed(training_args.seed)
@@ -93,6 +104,7 @@ def build_trainer(script_args: ScriptArguments, training_args: DepthStopTraining
         exit_head_hidden_size=script_args.exit_head_hidden_size,
         **extra,
     )
+    model = apply_peft(model, script_args)
     trainer = DepthStopTrainer(
         model=model,
         args=training_args,
@@ -100,15 +112,25 @@ def build_trainer(script_args: ScriptArguments, training_args: DepthStopTraining
         eval_dataset=tokenized["validation"],
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
     return trainer, tokenized
 
 
-def main(script_args: ScriptArguments, training_args: DepthStopTrainingArguments) -> dict:
-    trainer, tokenized = build_trainer(script_args, training_args)
+def main(
+    script_args: ScriptArguments, training_args: DepthStopTrainingArguments, callbacks: list | None = None
+) -> dict:
+    """Train, evaluate, calibrate, compare the rules and save. Every rank trains and evaluates; the rest runs on the
+    main process only (the others return `{"eval": ...}`). `callbacks` go to the trainer."""
+    trainer, tokenized = build_trainer(script_args, training_args, callbacks)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        raise ValueError(
+            "train_classifier.py calibrates the trained model in memory on the main process, which under FSDP / "
+            "DeepSpeed holds only shards: train with DDP (plain `accelerate launch`), see README 'Multi-process'"
+        )
     trainer.train()
-    eval_metrics = trainer.evaluate()
-    model = trainer.model
+    eval_metrics = trainer.evaluate()  # every rank: distributed evaluation, metrics reduced over ranks
+    model = trainer.model  # the unwrapped model (DDP keeps identical replicas)
     results = {"eval": eval_metrics}
     if trainer.is_world_process_zero():
         report = calibrate(
@@ -117,6 +139,9 @@ def main(script_args: ScriptArguments, training_args: DepthStopTrainingArguments
         )
         print("\nCalibration on the validation split (offline simulation of each rule's chosen setting):")
         print(report.to_markdown())
+        if script_args.use_peft:  # the calibrated adapter (+ config), then the merged plain model for what follows
+            save_adapter(model, os.path.join(training_args.output_dir, "adapter"))
+            model = model.merge_and_unload()
         rules = rules_from_calibration(model)
         results["calibration"] = model.config.calibration
         results["test"] = {}
@@ -127,7 +152,11 @@ def main(script_args: ScriptArguments, training_args: DepthStopTrainingArguments
             results["test"][f"batch_{bs}"] = rows
             print(f"\nTest split ({len(tokenized['test'])} examples), every rule live, batch {bs}:")
             print(rules_table_markdown(rows))
-        trainer.save_model(training_args.output_dir)  # saved first: nothing below can lose it
+        if script_args.use_peft:  # trainer.save_model would write the adapter only
+            model.save_pretrained(training_args.output_dir)
+            trainer.processing_class.save_pretrained(training_args.output_dir)
+        else:
+            trainer.save_model(training_args.output_dir)  # saved first: nothing below can lose it
         # The saved model's own rule on the test split, through the package's evaluate metric module.
         live = run_rule(model, tokenized["test"], model.config.stopping_rule, model.config.stopping_params)
         metric = load_depthstop_metric()
@@ -140,6 +169,13 @@ def main(script_args: ScriptArguments, training_args: DepthStopTrainingArguments
             json.dump(results, f, indent=2, default=float)
         print(f"\nSaved the calibrated model ({model.config.stopping_rule} {model.config.stopping_params}) to "
               f"{training_args.output_dir}")
+        if training_args.push_to_hub:  # last: the whole folder, its card now with the measured test tables
+            write_model_card(model, training_args.output_dir, repo_id=trainer.hub_model_id)
+            commit = upload_saved_folder(
+                training_args.output_dir, trainer.hub_model_id, token=training_args.hub_token,
+                commit_message="Trained and calibrated with hf_depthstop",
+            )  # a failure raises HubPushError; the local save above stays complete
+            print(f"Pushed {training_args.output_dir} to {commit.commit_url}")
     return results
 
 

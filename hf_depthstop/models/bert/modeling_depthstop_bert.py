@@ -15,8 +15,10 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging
 
 from ...flops import classification_head_flops, transformer_layer_flops
+from ...hub import DepthStopHubMixin
 from ...losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, depth_stop_loss, parse_exit_gradient
 from ...modeling_outputs import DepthStopSequenceClassifierOutput
+from ...peft_utils import DepthStopPeftMixin
 from ...stopping import build_rule, observe, validate_rule
 from .configuration_depthstop_bert import DepthStopBertConfig
 
@@ -62,7 +64,7 @@ class DepthStopExitHead(nn.Module):
         return bound
 
 
-class DepthStopBertForSequenceClassification(BertPreTrainedModel):
+class DepthStopBertForSequenceClassification(DepthStopHubMixin, DepthStopPeftMixin, BertPreTrainedModel):
     r"""
     BERT with an exit head after each layer in `config.exit_layers` and a stopping rule run inside `forward()`.
 
@@ -287,6 +289,8 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
         exit_gradient: str | float = DEFAULT_EXIT_GRADIENT,
         depth_loss_spec: DepthLossSpec | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
     ) -> DepthStopSequenceClassifierOutput:
         r"""
         Args:
@@ -304,7 +308,12 @@ class DepthStopBertForSequenceClassification(BertPreTrainedModel):
                 alpha in [0, 1]: the non-final exits' gradient into the backbone is scaled by alpha (heads learn at
                 full strength).
             depth_loss_spec ([`DepthLossSpec`], *optional*): the training loss; defaults to `DepthLossSpec()`.
+            output_attentions, output_hidden_states: accepted because PEFT's task wrappers always pass them; only
+                `None` / `False` are supported (the exit loop does not collect them).
         """
+        for name, value in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
+            if value:
+                raise ValueError(f"{name}={value!r} is not supported by {type(self).__name__}; leave it None")
         attention_mask = self._check_inputs(input_ids, inputs_embeds, attention_mask)
         exit_gradient = parse_exit_gradient(exit_gradient)
         hidden = self.bert.embeddings(

