@@ -205,8 +205,9 @@ def main():
     if BASELINE not in names:
         names = [BASELINE, *names]
     md = ["# The paper's claim on MNIST: early-exit ViT and ResNet with and without L_depth", "",
-          "Command: `python benchmarks/ablation_vision.py` (configs `recipes/configs/mnist_{resnet,vit}.yaml`; one "
-          "seed; train 20k / validation 10k / test 10k; 2-core CPU).", ""]
+          "Command: `python benchmarks/ablation_vision.py` (configs `recipes/configs/mnist_{resnet,vit}.yaml`: "
+          "ResNet 20k training images x 1 epoch, ViT 50k x 2 epochs; validation 10k / test 10k, fixed split; one "
+          "seed; 2-core CPU).", ""]
     all_summaries, out = {}, {}
     for arch in archs:
         blobs = {}

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import DynamicCache
 from transformers.utils import logging
 
-from .losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, exit_loss_weights, parse_exit_gradient
+from .losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, ScaleGradient, exit_loss_weights, parse_exit_gradient
 from .modeling_outputs import DepthStopCausalLMOutputWithPast, DepthStopGenerateOutput
 from .stopping import asti_features, build_rule, observe, validate_rule
 
@@ -44,19 +44,6 @@ logger = logging.get_logger(__name__)
 
 DEPTHSTOP_MODES = ("early_exit", "lossless")
 LM_CALIBRATED_RULES = ("static", "entropy", "confidence", "asti")
-
-
-class _ScaleGradient(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `scale` backward (gradient equilibrium / alpha)."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
 
 
 @dataclass
@@ -213,11 +200,11 @@ class DepthStopCausalLMMixin:
                 if exit_gradient == "detach":
                     branch, prev = hidden.detach(), prev.detach()
                 elif isinstance(exit_gradient, float):
-                    branch = _ScaleGradient.apply(hidden, exit_gradient)
-                    prev = _ScaleGradient.apply(prev, exit_gradient)
+                    branch = ScaleGradient.apply(hidden, exit_gradient)
+                    prev = ScaleGradient.apply(prev, exit_gradient)
                 elif exit_gradient == "equilibrium":
-                    branch = _ScaleGradient.apply(hidden, 1.0 / (num_exits - k))
-                    hidden = _ScaleGradient.apply(hidden, (num_exits - k - 1) / (num_exits - k))
+                    branch = ScaleGradient.apply(hidden, 1.0 / (num_exits - k))
+                    hidden = ScaleGradient.apply(hidden, (num_exits - k - 1) / (num_exits - k))
             ratios.append((branch - prev).norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-6))  # (batch, seq)
             branches.append(branch)
             k += 1

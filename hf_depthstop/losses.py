@@ -252,3 +252,17 @@ def depth_stop_loss(
     parts["depth_loss"] = depth.detach()
     loss = exit_ce + spec.depth_loss_weight * depth
     return loss, parts
+
+
+class ScaleGradient(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` backward. Used by the models' `exit_gradient` modes
+    (`equilibrium`, a number alpha): `ScaleGradient.apply(x, scale)`, `x` of any shape."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None

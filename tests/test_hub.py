@@ -491,6 +491,7 @@ def test_every_other_model_class_loads_from_its_remote_code_without_the_package(
     assert out.count("IDENTICAL") == len(names), out
 
 
+@pytest.mark.slow
 def test_recipe_push_flags_upload_the_calibrated_model_and_its_card(hub, tmp_path):
     out_dir = tmp_path / "run"
     result = subprocess.run(

@@ -111,7 +111,8 @@ def test_card_without_markers_keeps_its_text_and_gets_the_blocks(calibrated, tmp
 
 
 def test_measured_rows_from_the_recipe_results_are_tabled_and_kept(calibrated, tmp_path):
-    rows = compare_rules(calibrated, tiny_task(64, seed=3), rules_from_calibration(calibrated), batch_size=16)
+    rules = rules_from_calibration(calibrated)
+    rows = compare_rules(calibrated, tiny_task(16, seed=3), rules, batch_size=16, repeats=1)
     (tmp_path / "depthstop_results.json").write_text(json.dumps({"test": {"batch_16": rows}}, default=float))
     write_model_card(calibrated, tmp_path)
     measured = block((tmp_path / "README.md").read_text(), "measured")

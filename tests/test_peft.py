@@ -298,7 +298,9 @@ def _vision_models():
         out.append(
             (
                 "resnet",
-                lambda: hf_depthstop.DepthStopResNetForImageClassification(hf_depthstop.DepthStopResNetConfig(**cfg)),
+                lambda cfg=cfg: hf_depthstop.DepthStopResNetForImageClassification(
+                    hf_depthstop.DepthStopResNetConfig(**cfg)
+                ),
                 (3, 32),
                 ["convolution"],
             )
@@ -393,7 +395,7 @@ def _lms():
         out.append(
             (
                 "llama",
-                lambda: hf_depthstop.DepthStopLlamaForCausalLM(hf_depthstop.DepthStopLlamaConfig(**cfg)),
+                lambda cfg=cfg: hf_depthstop.DepthStopLlamaForCausalLM(hf_depthstop.DepthStopLlamaConfig(**cfg)),
                 ["q_proj", "v_proj"],
             )
         )
@@ -411,7 +413,7 @@ def _lms():
         out.append(
             (
                 "gpt2",
-                lambda: hf_depthstop.DepthStopGPT2LMHeadModel(hf_depthstop.DepthStopGPT2Config(**cfg)),
+                lambda cfg=cfg: hf_depthstop.DepthStopGPT2LMHeadModel(hf_depthstop.DepthStopGPT2Config(**cfg)),
                 ["c_attn"],
             )
         )

@@ -16,7 +16,7 @@ from transformers.utils import logging
 
 from ...flops import classification_head_flops, transformer_layer_flops
 from ...hub import DepthStopHubMixin
-from ...losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, depth_stop_loss, parse_exit_gradient
+from ...losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, ScaleGradient, depth_stop_loss, parse_exit_gradient
 from ...modeling_outputs import DepthStopSequenceClassifierOutput
 from ...peft_utils import DepthStopPeftMixin
 from ...stopping import build_rule, observe, validate_rule
@@ -24,19 +24,6 @@ from .configuration_depthstop_bert import DepthStopBertConfig
 
 
 logger = logging.get_logger(__name__)
-
-
-class _ScaleGradient(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `scale` backward (gradient equilibrium)."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
 
 
 class DepthStopExitHead(nn.Module):
@@ -346,12 +333,12 @@ class DepthStopBertForSequenceClassification(DepthStopHubMixin, DepthStopPeftMix
                 if exit_gradient == "detach":
                     branch, pooled_prev = hidden.detach(), pooled_prev.detach()
                 elif isinstance(exit_gradient, float):
-                    branch = _ScaleGradient.apply(hidden, exit_gradient)
-                    pooled_prev = _ScaleGradient.apply(pooled_prev, exit_gradient)
+                    branch = ScaleGradient.apply(hidden, exit_gradient)
+                    pooled_prev = ScaleGradient.apply(pooled_prev, exit_gradient)
                 elif exit_gradient == "equilibrium":
                     # gradient equilibrium: the k-th exit and the trunk after it share the gradient into layer k
-                    branch = _ScaleGradient.apply(hidden, 1.0 / (num_exits - k))
-                    hidden = _ScaleGradient.apply(hidden, (num_exits - k - 1) / (num_exits - k))
+                    branch = ScaleGradient.apply(hidden, 1.0 / (num_exits - k))
+                    hidden = ScaleGradient.apply(hidden, (num_exits - k - 1) / (num_exits - k))
             pooled = self._pool(branch, weights)
             ratios.append(
                 (pooled - pooled_prev).norm(dim=-1) / pooled_prev.norm(dim=-1).clamp_min(1e-6)

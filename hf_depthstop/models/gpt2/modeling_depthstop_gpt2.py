@@ -16,6 +16,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging
 
 from ...generation import DepthStopCausalLMMixin
+from ...hub import DepthStopHubMixin
 from ...losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec
 from ...modeling_outputs import DepthStopCausalLMOutputWithPast
 from .configuration_depthstop_gpt2 import DepthStopGPT2Config
@@ -24,7 +25,7 @@ from .configuration_depthstop_gpt2 import DepthStopGPT2Config
 logger = logging.get_logger(__name__)
 
 
-class DepthStopGPT2LMHeadModel(DepthStopCausalLMMixin, GPT2PreTrainedModel, GenerationMixin):
+class DepthStopGPT2LMHeadModel(DepthStopHubMixin, DepthStopCausalLMMixin, GPT2PreTrainedModel, GenerationMixin):
     r"""
     GPT-2 with an exit after each block in `config.exit_layers` (shared `ln_f` + LM head) and per-token early exits in
     `generate`. Same paths and arguments as [`DepthStopLlamaForCausalLM`].

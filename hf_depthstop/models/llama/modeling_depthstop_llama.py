@@ -18,6 +18,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from transformers.utils import logging
 
 from ...generation import DepthStopCausalLMMixin
+from ...hub import DepthStopHubMixin
 from ...losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec
 from ...modeling_outputs import DepthStopCausalLMOutputWithPast
 from .configuration_depthstop_llama import DepthStopLlamaConfig
@@ -32,7 +33,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotate_half(x) * sin
 
 
-class DepthStopLlamaForCausalLM(DepthStopCausalLMMixin, LlamaPreTrainedModel, GenerationMixin):
+class DepthStopLlamaForCausalLM(DepthStopHubMixin, DepthStopCausalLMMixin, LlamaPreTrainedModel, GenerationMixin):
     r"""
     Llama causal LM with an exit after each layer in `config.exit_layers` (shared final norm + LM head) and per-token
     early exits in `generate`.

@@ -19,10 +19,10 @@ from transformers import ResNetModel, ResNetPreTrainedModel
 from transformers.utils import logging
 
 from ...flops import pooled_linear_head_flops, resnet_flops
-from ...losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, depth_stop_loss, parse_exit_gradient
+from ...hub import DepthStopHubMixin
+from ...losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, ScaleGradient, depth_stop_loss, parse_exit_gradient
 from ...modeling_outputs import DepthStopImageClassifierOutput
 from ...stopping import build_rule, observe, validate_rule
-from ..bert.modeling_depthstop_bert import _ScaleGradient
 from .configuration_depthstop_resnet import DepthStopResNetConfig
 
 
@@ -51,7 +51,7 @@ class DepthStopResNetExitHead(nn.Module):
         return torch.linalg.matrix_norm(self.classifier.weight.float(), ord=2).item()
 
 
-class DepthStopResNetForImageClassification(ResNetPreTrainedModel):
+class DepthStopResNetForImageClassification(DepthStopHubMixin, ResNetPreTrainedModel):
     r"""
     ResNet with an exit head after each residual block in `config.exit_layers` and a stopping rule run inside
     `forward()`.
@@ -336,15 +336,15 @@ class DepthStopResNetForImageClassification(ResNetPreTrainedModel):
                     features, residual, shortcut = hidden.detach(), residual.detach(), shortcut.detach()
                 elif isinstance(exit_gradient, float):
                     features, residual, shortcut = (
-                        _ScaleGradient.apply(t, exit_gradient) for t in (hidden, residual, shortcut)
+                        ScaleGradient.apply(t, exit_gradient) for t in (hidden, residual, shortcut)
                     )
                 elif exit_gradient == "equilibrium":
                     # gradient equilibrium: the k-th exit and the trunk after it share the gradient into block k
                     share = 1.0 / (num_exits - k)
                     features, residual, shortcut = (
-                        _ScaleGradient.apply(t, share) for t in (hidden, residual, shortcut)
+                        ScaleGradient.apply(t, share) for t in (hidden, residual, shortcut)
                     )
-                    hidden = _ScaleGradient.apply(hidden, 1.0 - share)
+                    hidden = ScaleGradient.apply(hidden, 1.0 - share)
             ratios.append(self._residual_ratio(residual, shortcut))  # (batch,)
             pooled = self._pool(k, features)
             norms.append(pooled.detach().norm(dim=-1))

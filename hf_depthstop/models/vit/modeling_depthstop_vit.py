@@ -16,10 +16,10 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging
 
 from ...flops import patch_embedding_flops, transformer_layer_flops
-from ...losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, depth_stop_loss, parse_exit_gradient
+from ...hub import DepthStopHubMixin
+from ...losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, ScaleGradient, depth_stop_loss, parse_exit_gradient
 from ...modeling_outputs import DepthStopImageClassifierOutput
 from ...stopping import build_rule, observe, validate_rule
-from ..bert.modeling_depthstop_bert import _ScaleGradient
 from .configuration_depthstop_vit import DepthStopViTConfig, _pair
 
 
@@ -51,7 +51,7 @@ class DepthStopViTExitHead(nn.Module):
         return bound
 
 
-class DepthStopViTForImageClassification(ViTPreTrainedModel):
+class DepthStopViTForImageClassification(DepthStopHubMixin, ViTPreTrainedModel):
     r"""
     ViT with an exit head after each layer in `config.exit_layers` and a stopping rule run inside `forward()`.
 
@@ -239,7 +239,7 @@ class DepthStopViTForImageClassification(ViTPreTrainedModel):
         if backbone_grad == "detach":
             weight, bias = weight.detach(), bias.detach()
         else:
-            weight, bias = _ScaleGradient.apply(weight, backbone_grad), _ScaleGradient.apply(bias, backbone_grad)
+            weight, bias = ScaleGradient.apply(weight, backbone_grad), ScaleGradient.apply(bias, backbone_grad)
         return F.layer_norm(cls_state, norm.normalized_shape, weight, bias, norm.eps)
 
     def _head(self, exit_index: int, pooled: torch.Tensor) -> torch.Tensor:
@@ -362,13 +362,13 @@ class DepthStopViTForImageClassification(ViTPreTrainedModel):
                 if exit_gradient == "detach":
                     branch, cls_prev, norm_grad = hidden.detach(), cls_prev.detach(), "detach"
                 elif isinstance(exit_gradient, float):
-                    branch = _ScaleGradient.apply(hidden, exit_gradient)
-                    cls_prev = _ScaleGradient.apply(cls_prev, exit_gradient)
+                    branch = ScaleGradient.apply(hidden, exit_gradient)
+                    cls_prev = ScaleGradient.apply(cls_prev, exit_gradient)
                     norm_grad = exit_gradient
                 elif exit_gradient == "equilibrium":
                     # gradient equilibrium: the k-th exit and the trunk after it share the gradient into layer k
-                    branch = _ScaleGradient.apply(hidden, 1.0 / (num_exits - k))
-                    hidden = _ScaleGradient.apply(hidden, (num_exits - k - 1) / (num_exits - k))
+                    branch = ScaleGradient.apply(hidden, 1.0 / (num_exits - k))
+                    hidden = ScaleGradient.apply(hidden, (num_exits - k - 1) / (num_exits - k))
             cls_state = branch[:, 0]  # (batch, hidden)
             ratios.append((cls_state - cls_prev).norm(dim=-1) / cls_prev.norm(dim=-1).clamp_min(1e-6))  # (batch,)
             pooled = self._exit_norm(cls_state, norm_grad)
