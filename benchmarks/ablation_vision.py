@@ -53,8 +53,9 @@ VARIANTS = {
     # without L_depth, our schedule: exit heads on detached features (the backbone sees only the final exit's CE)
     "heads_only": ["--exit_gradient", "detach", "--exit_weighting", "final_heavy", "--early_exit_weight", "1.0",
                    "--depth_loss_weight", "0"],
-    # the package default (training-argument defaults): detach + distill
-    "default": [],
+    # the package default (the training-argument defaults, written out): detach + distill
+    "default": ["--exit_gradient", "detach", "--exit_weighting", "final_heavy", "--early_exit_weight", "1.0",
+                "--depth_terms", "distill", "--depth_loss_weight", "1.0"],
     # joint training + distill
     "joint_distill": ["--exit_gradient", "full", "--exit_weighting", "final_heavy", "--early_exit_weight", "1.0",
                       "--depth_terms", "distill", "--depth_loss_weight", "1.0"],

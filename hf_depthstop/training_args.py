@@ -1,9 +1,12 @@
 # Copyright 2026 The hf_depthstop authors. Licensed under the Apache License, Version 2.0.
 """Training arguments of [`DepthStopTrainer`]: every knob of the exit losses and of L_depth."""
 
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
+from transformers.utils import logging
 
 from .losses import DEFAULT_EXIT_GRADIENT, DEPTH_TERMS, EXIT_WEIGHTINGS, DepthLossSpec, parse_exit_gradient
 
@@ -11,6 +14,19 @@ from .losses import DEFAULT_EXIT_GRADIENT, DEPTH_TERMS, EXIT_WEIGHTINGS, DepthLo
 # The defaults below are the winner of the L_depth ablation (benchmarks/ablation_ldepth.py, results in
 # benchmarks/results/ablation_ldepth.md): see README "Choosing the default".
 _DEFAULTS = DepthLossSpec()
+
+logger = logging.get_logger(__name__)
+
+
+def _has_accelerator() -> bool:
+    """Whether torch sees a CUDA, XPU or MPS device."""
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return (
+        torch.cuda.is_available()
+        or (xpu is not None and xpu.is_available())
+        or (mps is not None and mps.is_available())
+    )
 
 
 @dataclass
@@ -78,6 +94,12 @@ class DepthStopTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # Launched with several processes (accelerate launch / torchrun) on a machine without an accelerator:
+            # stock TrainingArguments would then build a non-distributed state in every process (each rank training
+            # alone on all the data); CPU ranks need `use_cpu=True` to become DDP ranks on gloo.
+            logger.info("several processes and no accelerator: use_cpu=True (DDP on CPU, gloo)")
+            self.use_cpu = True
         super().__post_init__()
         parse_exit_gradient(self.exit_gradient)
         self.depth_loss_spec()  # validates every loss field, naming the field and value

@@ -35,8 +35,11 @@ class WeightDigest(TrainerCallback):
     def __init__(self):
         self.record = {}
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self.record["before"] = weights_digest(model)
+        self.record["args_world_size"] = args.world_size
+        self.record["parallel_mode"] = str(args.parallel_mode)
+        self.record["batches_per_epoch"] = len(train_dataloader)  # halved when the data is sharded over 2 ranks
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.record["after"] = weights_digest(model)

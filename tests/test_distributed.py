@@ -4,6 +4,7 @@
 model loads and predicts."""
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -22,6 +23,7 @@ from .testing_utils import tiny_bert_config
 
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
+N_TRAIN, BATCH = 96, 8  # training examples and per-device batch of the launched run
 TINY = {"vocab_size": 30522, "num_hidden_layers": 3, "max_position_embeddings": 128, "exit_head_hidden_size": 16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -78,7 +80,7 @@ def launch(tmp_path, checkpoint, extra: list[str]) -> tuple[dict, dict, str]:
         "--model_name_or_path",
         str(checkpoint),
         "--n_train",
-        "96",
+        str(N_TRAIN),
         "--n_val",
         "120",
         "--n_test",
@@ -88,7 +90,7 @@ def launch(tmp_path, checkpoint, extra: list[str]) -> tuple[dict, dict, str]:
         "--max_steps",
         "4",
         "--per_device_train_batch_size",
-        "8",
+        str(BATCH),
         "--per_device_eval_batch_size",
         "32",
         "--exit_head_hidden_size",
@@ -115,6 +117,10 @@ def check_ranks(r0, r1):
     assert (r0["rank"], r1["rank"]) == (0, 1) and r0["world_size"] == r1["world_size"] == 2
     assert r0["distributed_type"] == r1["distributed_type"] == "DistributedType.MULTI_CPU"
     assert r0["steps"] == r1["steps"] == 4
+    # the Trainer itself runs DDP (not two independent single-process runs): 2 ranks, data sharded between them
+    assert r0["args_world_size"] == r1["args_world_size"] == 2
+    assert r0["parallel_mode"] == r1["parallel_mode"] == "ParallelMode.DISTRIBUTED"
+    assert r0["batches_per_epoch"] == r1["batches_per_epoch"] == math.ceil(N_TRAIN / (2 * BATCH))
     assert r0["before"] == r1["before"]  # same start
     assert r0["after"] != r0["before"]  # training moved the weights
     assert r0["after"] == r1["after"] and r0["trainable_after"] == r1["trainable_after"]  # DDP replicas agree
