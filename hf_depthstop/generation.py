@@ -773,9 +773,9 @@ def calibrate_lm(
                 best is None or result["compute_fraction"] < best[1]["compute_fraction"]
             ):
                 best = (value, result)
-        if best is None:  # nothing meets the target: the most conservative setting
+        if best is None:  # nothing meets the target: the most conservative setting (full depth)
             value = {"asti": 0.0, "confidence": 1.0, "entropy": 0.0, "static": float(exit_layers[-1])}[name]
-            best = (value, {"rule": name})
+            best = (value, outcome(np.full(n, len(exit_layers) - 1), single if name == "static" else compute))
         value = int(best[0]) if name == "static" else float(best[0])
         settings[name] = {param: value}
         table.append({"rule": name, "setting": value, **{k: v for k, v in best[1].items() if k != "rule"}})

@@ -127,6 +127,8 @@ def calibration_markdown(config, plot: bool) -> str:
             "Not calibrated yet: run `hf_depthstop.calibrate(model, validation_set)` and save again to get the "
             "rule table (accuracy, mean exit layer, compute, speed-up) here."
         )
+    if "agreement" in calibration["table"][0]:  # a decoder LM (`calibrate_lm`): agreement with full-depth tokens
+        return lm_calibration_markdown(calibration, plot)
     report = CalibrationReport(
         config.stopping_rule, calibration.get("target_type", ""), float(calibration.get("target", 0.0)),
         calibration["full_accuracy"], calibration["table"], calibration.get("settings", {}),
@@ -141,6 +143,29 @@ def calibration_markdown(config, plot: bool) -> str:
     if plot:
         text += f"\n\n![Accuracy vs compute]({PLOT_FILENAME})"
     return text
+
+
+def lm_calibration_markdown(calibration: dict, plot: bool) -> str:
+    """The table of a decoder LM's calibration (`hf_depthstop.calibrate_lm`): per rule, the teacher-forced agreement
+    of the exited token with the full-depth token on held-out text."""
+    lines = [
+        f"Every rule at its calibrated setting on held-out text ({calibration.get('num_tokens')} tokens, teacher "
+        "forced; target: agreement >= "
+        f"{100 * (1 - float(calibration.get('target', 0.0))):.0f}% with full depth). Mean exit layer 0-based, "
+        "compute = FLOPs used / full model (every evaluated exit pays for the shared LM head).",
+        "",
+        "| rule | setting | token agreement (%) | mean exit layer | compute | FLOPs speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in [*calibration["table"], calibration["oracle_floor"]]:
+        setting = "" if row["setting"] is None else f"{row['setting']:.4g}"
+        lines.append(
+            f"| {row['rule']} | {setting} | {100 * row['agreement']:.2f} | {row['mean_exit_layer']:.2f} | "
+            f"{row['compute_fraction']:.3f} | {1 / row['compute_fraction']:.2f}x |"
+        )
+    if plot:
+        lines += ["", f"![Agreement vs compute]({PLOT_FILENAME})"]
+    return "\n".join(lines)
 
 
 def measured_markdown(measured: dict[str, list[dict]]) -> str:
@@ -181,7 +206,7 @@ def plot_accuracy_vs_compute(config, path: str | os.PathLike, measured: dict[str
     axes = figure.add_subplot()
     for i, (label, rows, marker) in enumerate(series):
         x = [row["compute_fraction"] for row in rows]
-        y = [100 * row["accuracy"] for row in rows]
+        y = [100 * row.get("accuracy", row.get("agreement", float("nan"))) for row in rows]
         if marker == "s":  # measured: hollow squares
             axes.scatter(x, y, marker=marker, label=label, facecolors="none", edgecolors=f"C{i}")
         else:
@@ -189,7 +214,8 @@ def plot_accuracy_vs_compute(config, path: str | os.PathLike, measured: dict[str
         for row, xi, yi in zip(rows, x, y):
             axes.annotate(row["rule"], (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
     axes.set_xlabel("compute (FLOPs used / full model)")
-    axes.set_ylabel("accuracy (%)")
+    lm = bool(calibration.get("table")) and "agreement" in calibration["table"][0]
+    axes.set_ylabel("token agreement with full depth (%)" if lm else "accuracy (%)")
     axes.set_title(f"{config.model_type}: accuracy vs compute per stopping rule")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
