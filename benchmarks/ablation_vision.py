@@ -144,10 +144,21 @@ def analyse(arch: str, blobs: dict) -> tuple[list[str], dict]:
                 cells.append(
                     f"{100 * (out['accuracy'] - base_test):+.2f} / {out['compute_fraction']:.3f}" if feasible else "-"
                 )
+            summary[name]["val_best@" + str(tol)] = None if best is None else best[1]
             best_cell = "-" if best is None else f"{best[0]}: {best[2]['compute_fraction']:.3f}"
             summary[name]["best@" + str(tol)] = None if best is None else {
                 "rule": best[0], "test_compute": best[2]["compute_fraction"], "test_accuracy": best[2]["accuracy"]}
             lines.append(f"| {name} | {100 * tol:.1f} | " + " | ".join(cells) + f" | {best_cell} |")
+    # The winner, on validation only: among variants whose validation final-exit accuracy is within 0.3 points of the
+    # baseline's, the least validation compute at the 0.3-point tolerance under its best rule.
+    eligible = [n for n in summary if summary[n]["val_final"] >= base_val - 0.003]
+    scores = {n: summary[n]["val_best@0.003"] for n in eligible if summary[n]["val_best@0.003"] is not None}
+    winner = min(scores, key=scores.get) if scores else BASELINE
+    summary["_winner"] = winner
+    lines += ["", "Validation compute at the 0.3-point tolerance (best rule): "
+              + ", ".join(f"{n} {v:.3f}" for n, v in sorted(scores.items(), key=lambda kv: kv[1]))
+              + f". **Chosen on validation: `{winner}`**"
+              + ("" if winner == BASELINE else f" (flags: `{' '.join(VARIANTS[winner])}`)") + "."]
     return lines, summary
 
 
@@ -175,11 +186,13 @@ def plot_residual_ratios(summaries: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 4), squeeze=False)
     for ax, (arch, summary) in zip(axes[0], summaries.items()):
         for name, s in summary.items():
+            if name.startswith("_"):
+                continue
             blocks = [layer + 1 for layer in s["exit_layers"]]
             ax.plot(blocks, s["residual_ratio_mean"], marker="o", label=name)
         ax.set_yscale("log")
         ax.set_xlabel("block (1-based)")
-        ax.set_ylabel("mean r_l = ||f_l|| / ||h_{l-1}|| (test)")
+        ax.set_ylabel("mean residual ratio r_l (test)")
         ax.set_title(f"{arch} on MNIST: residual ratio per block")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
@@ -196,6 +209,8 @@ def main():
     parser.add_argument("--extra", default="", help="extra recipe flags for every variant, e.g. '--train_size 2000'")
     parser.add_argument("--live_repeats", type=int, default=3, help="timing rounds of the live rule table")
     parser.add_argument("--no_live", action="store_true", help="skip the live (timed) rule tables")
+    parser.add_argument("--live_variants", default=None,
+                        help="variants timed live (default: the baseline, the validation winner and `default`)")
     args = parser.parse_args()
     archs = [a for a in args.archs.split(",") if a]
     names = [n for n in args.variants.split(",") if n]
@@ -229,7 +244,8 @@ def main():
             md += [f"Live on test, batch 256, settings calibrated on validation within 0.3 points of each model's own "
                    f"validation accuracy; speed-up = time of `none` / time of the rule ({args.live_repeats} alternating "
                    "rounds, median).", ""]
-            for name in blobs:
+            live = [n for n in (args.live_variants or f"{BASELINE},{summary['_winner']},default").split(",") if n in blobs]
+            for name in dict.fromkeys(live):
                 rows = live_rules(arch, blobs[name], 0.003, 256, args.live_repeats)
                 summary[name]["live_batch_256"] = rows
                 md += [f"**{arch} / {name}** (full depth {100 * summary[name]['test_final']:.2f}%)", "",

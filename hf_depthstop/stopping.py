@@ -310,6 +310,46 @@ class AstiStop(StoppingRule):
         return 1.0 - self.probability_same(obs) <= self.cost
 
 
+def validate_exit_fields(
+    config, default_exits: list[int] | None = None, allowed: list[int] | None = None, unit: str = "layer",
+    allowed_reason: str = "exit_layers entries must be among",
+) -> None:
+    """Normalise `config.exit_layers` in place (0-based indices, sorted, the last block added: it is the full model)
+    and validate `config.stopping_rule` / `config.stopping_params` against it. Shared by every `DepthStop*` config.
+
+    Args:
+        config: has `num_hidden_layers`, `exit_layers`, `stopping_rule`, `stopping_params`, `calibration`.
+        default_exits (`list[int]`, *optional*): exits when `exit_layers` is None (default: every block).
+        allowed (`list[int]`, *optional*): the only indices an exit may take (e.g. ResNet stage ends), and
+            `allowed_reason` the start of the error message when another index is given.
+        unit (`str`): what an index counts, for the error messages ("layer", "residual block").
+
+    Raises:
+        `ValueError` naming the field and the value: an index out of range, not allowed, or duplicated.
+    """
+    num_layers = config.num_hidden_layers
+    if config.exit_layers is None:
+        config.exit_layers = list(range(num_layers)) if default_exits is None else list(default_exits)
+    layers = list(config.exit_layers)
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+            raise ValueError(
+                f"exit_layers entries must be 0-based {unit} indices in [0, {num_layers - 1}] "
+                f"({num_layers} {unit}s), got {layer!r} in exit_layers={layers}"
+            )
+        if allowed is not None and layer not in allowed:
+            raise ValueError(f"{allowed_reason} {list(allowed)}, got {layer!r} in exit_layers={layers}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"exit_layers must not contain duplicates, got exit_layers={layers}")
+    layers = sorted(layers)
+    if not layers or layers[-1] != num_layers - 1:
+        layers.append(num_layers - 1)
+    config.exit_layers = layers
+    config.stopping_params = validate_rule(
+        config.stopping_rule, dict(config.stopping_params or {}), config.exit_layers, config.calibration
+    )
+
+
 def validate_rule(name: str, params: dict, exit_layers: list[int], calibration: dict | None) -> dict:
     """Check a rule name and its parameters; return the normalised parameters.
 

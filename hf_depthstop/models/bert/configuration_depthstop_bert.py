@@ -7,7 +7,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig
 
-from ...stopping import validate_rule
+from ...stopping import validate_exit_fields
 
 
 EXIT_POOLINGS = ("cls", "mean")
@@ -70,22 +70,7 @@ class DepthStopBertConfig(BertConfig):
 
         Runs at construction and again when a model is built, because `from_pretrained(..., **kwargs)` sets
         overriding attributes after construction."""
-        num_layers = self.num_hidden_layers
-        if self.exit_layers is None:
-            self.exit_layers = list(range(num_layers))
-        layers = list(self.exit_layers)
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
-                raise ValueError(
-                    f"exit_layers entries must be 0-based layer indices in [0, {num_layers - 1}] "
-                    f"(num_hidden_layers={num_layers}), got {layer!r} in exit_layers={layers}"
-                )
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"exit_layers must not contain duplicates, got exit_layers={layers}")
-        layers = sorted(layers)
-        if not layers or layers[-1] != num_layers - 1:
-            layers.append(num_layers - 1)  # the final layer is always an exit: it is the full model
-        self.exit_layers = layers
+        validate_exit_fields(self)
         if self.exit_head_hidden_size is None:
             self.exit_head_hidden_size = self.hidden_size
         width = self.exit_head_hidden_size
@@ -93,9 +78,6 @@ class DepthStopBertConfig(BertConfig):
             raise ValueError(f"exit_head_hidden_size must be an integer >= 0, got {self.exit_head_hidden_size!r}")
         if self.exit_pooling not in EXIT_POOLINGS:
             raise ValueError(f"exit_pooling must be one of {EXIT_POOLINGS}, got {self.exit_pooling!r}")
-        self.stopping_params = validate_rule(
-            self.stopping_rule, dict(self.stopping_params or {}), self.exit_layers, self.calibration
-        )
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):

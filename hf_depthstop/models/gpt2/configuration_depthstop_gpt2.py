@@ -7,7 +7,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config
 
-from ..llama.configuration_depthstop_llama import validate_lm_exits
+from ...stopping import validate_exit_fields
 
 
 COMPATIBLE_MODEL_TYPES = ("gpt2", "depthstop_gpt2")
@@ -41,7 +41,7 @@ class DepthStopGPT2Config(GPT2Config):
 
     def validate_exits(self) -> None:
         """Normalise and check the exit fields; `ValueError` naming the field and the value otherwise."""
-        validate_lm_exits(self)
+        validate_exit_fields(self)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):

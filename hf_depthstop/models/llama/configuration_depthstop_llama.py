@@ -7,36 +7,11 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-from ...stopping import validate_rule
+from ...stopping import validate_exit_fields
 
 
 # Checkpoint `model_type`s this config can be built from: any Llama-architecture checkpoint, or one of ours.
 COMPATIBLE_MODEL_TYPES = ("llama", "depthstop_llama")
-
-
-def validate_lm_exits(config) -> None:
-    """Normalise `config.exit_layers` (0-based, sorted, last layer added) and check the rule fields.
-
-    Shared by the decoder-LM configs. Raises `ValueError` naming the field and the value."""
-    num_layers = config.num_hidden_layers
-    if config.exit_layers is None:
-        config.exit_layers = list(range(num_layers))
-    layers = list(config.exit_layers)
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
-            raise ValueError(
-                f"exit_layers entries must be 0-based layer indices in [0, {num_layers - 1}] "
-                f"(num_hidden_layers={num_layers}), got {layer!r} in exit_layers={layers}"
-            )
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"exit_layers must not contain duplicates, got exit_layers={layers}")
-    layers = sorted(layers)
-    if not layers or layers[-1] != num_layers - 1:
-        layers.append(num_layers - 1)  # the final layer is always an exit: it is the full model
-    config.exit_layers = layers
-    config.stopping_params = validate_rule(
-        config.stopping_rule, dict(config.stopping_params or {}), config.exit_layers, config.calibration
-    )
 
 
 @strict
@@ -82,7 +57,7 @@ class DepthStopLlamaConfig(LlamaConfig):
     def validate_exits(self) -> None:
         """Normalise and check the exit fields (again when a model is built: `from_pretrained(..., **kwargs)` sets
         overriding attributes after construction)."""
-        validate_lm_exits(self)
+        validate_exit_fields(self)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
@@ -97,4 +72,4 @@ class DepthStopLlamaConfig(LlamaConfig):
         return config_dict, kwargs
 
 
-__all__ = ["DepthStopLlamaConfig", "validate_lm_exits"]
+__all__ = ["DepthStopLlamaConfig"]

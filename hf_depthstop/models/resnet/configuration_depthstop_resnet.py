@@ -7,7 +7,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import ResNetConfig
 
-from ...stopping import validate_rule
+from ...stopping import validate_exit_fields
 
 
 EXIT_MODES = ("block", "stage")
@@ -119,35 +119,16 @@ class DepthStopResNetConfig(ResNetConfig):
         pool = self.exit_pool_size
         if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
             raise ValueError(f"exit_pool_size must be an integer >= 1, got exit_pool_size={pool!r}")
-        num_layers = self.num_hidden_layers
-        stage_ends = self.stage_ends
-        if self.exit_layers is None:
-            self.exit_layers = list(range(num_layers)) if self.exit_mode == "block" else list(stage_ends)
-        layers = list(self.exit_layers)
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
-                raise ValueError(
-                    f"exit_layers entries must be 0-based residual block indices in [0, {num_layers - 1}] "
-                    f"(sum(depths)={num_layers}), got {layer!r} in exit_layers={layers}"
-                )
-            if self.exit_mode == "stage" and layer not in stage_ends:
-                raise ValueError(
-                    f"exit_mode='stage' allows exits only at stage ends {stage_ends}, got {layer!r} in "
-                    f"exit_layers={layers}"
-                )
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"exit_layers must not contain duplicates, got exit_layers={layers}")
-        layers = sorted(layers)
-        if not layers or layers[-1] != num_layers - 1:
-            layers.append(num_layers - 1)  # the final block is always an exit: it is the full model
-        self.exit_layers = layers
+        stage_ends = list(self.stage_ends)
+        validate_exit_fields(
+            self, default_exits=None if self.exit_mode == "block" else stage_ends,
+            allowed=stage_ends if self.exit_mode == "stage" else None, unit="residual block",
+            allowed_reason="exit_mode='stage' allows exits only at stage ends",
+        )
         if isinstance(self.num_labels, bool) or self.num_labels < 1:
             raise ValueError(
                 f"num_labels must be >= 1 for a classifier with exits, got num_labels={self.num_labels!r}"
             )
-        self.stopping_params = validate_rule(
-            self.stopping_rule, dict(self.stopping_params or {}), self.exit_layers, self.calibration
-        )
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):

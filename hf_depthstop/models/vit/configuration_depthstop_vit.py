@@ -7,7 +7,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import ViTConfig
 
-from ...stopping import validate_rule
+from ...stopping import validate_exit_fields
 
 
 # Checkpoint `model_type`s this config can be built from: any ViT checkpoint, or one of ours.
@@ -97,30 +97,12 @@ class DepthStopViTConfig(ViTConfig):
             )
         if isinstance(self.num_channels, bool) or not isinstance(self.num_channels, int) or self.num_channels < 1:
             raise ValueError(f"num_channels must be an integer >= 1, got {self.num_channels!r}")
-        num_layers = self.num_hidden_layers
-        if self.exit_layers is None:
-            self.exit_layers = list(range(num_layers))
-        layers = list(self.exit_layers)
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
-                raise ValueError(
-                    f"exit_layers entries must be 0-based layer indices in [0, {num_layers - 1}] "
-                    f"(num_hidden_layers={num_layers}), got {layer!r} in exit_layers={layers}"
-                )
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"exit_layers must not contain duplicates, got exit_layers={layers}")
-        layers = sorted(layers)
-        if not layers or layers[-1] != num_layers - 1:
-            layers.append(num_layers - 1)  # the final layer is always an exit: it is the full model
-        self.exit_layers = layers
+        validate_exit_fields(self)
         if self.exit_head_hidden_size is None:
             self.exit_head_hidden_size = self.hidden_size
         width = self.exit_head_hidden_size
         if isinstance(width, bool) or not isinstance(width, int) or width < 0:
             raise ValueError(f"exit_head_hidden_size must be an integer >= 0, got {self.exit_head_hidden_size!r}")
-        self.stopping_params = validate_rule(
-            self.stopping_rule, dict(self.stopping_params or {}), self.exit_layers, self.calibration
-        )
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
