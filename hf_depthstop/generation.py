@@ -756,7 +756,8 @@ def calibrate_lm(
         "entropy": ("threshold", np.unique(np.concatenate([np.quantile(data["entropy"][:, :-1], np.linspace(0, 1, 201)), [0.0]]))),
         "static": ("layer", np.array(exit_layers, dtype=float)),
     }
-    settings, table = {}, [{"rule": "none", "setting": None, **outcome(np.full(n, len(exit_layers) - 1), compute)}]
+    # `none` runs the final head only (single-head compute); the other rules pay for every exit they evaluate
+    settings, table = {}, [{"rule": "none", "setting": None, **outcome(np.full(n, len(exit_layers) - 1), single)}]
     for name, (param, grid) in grids.items():
         best = None
         for value in grid:

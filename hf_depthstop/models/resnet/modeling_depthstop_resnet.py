@@ -179,11 +179,18 @@ class DepthStopResNetForImageClassification(
         `(all_heads, single_head)`, each float32 `(batch, num_exits)`: C_k when every head up to exit k ran (rules
         reading all exits), and when only exit k's head ran (`static`). The same for every image of the batch."""
         pixel_values = inputs["pixel_values"]
-        reach, head, full = self._flops(pixel_values.shape[-2], pixel_values.shape[-1])
-        reach_t = torch.tensor(reach, dtype=torch.float64)
-        head_t = torch.tensor(head, dtype=torch.float64)
-        both = torch.stack([reach_t + head_t.cumsum(0), reach_t + head_t]) / full  # (2, num_exits)
-        both = both.float().to(pixel_values.device)[:, None].repeat(1, pixel_values.shape[0], 1)
+        c = self.config
+        height, width = pixel_values.shape[-2], pixel_values.shape[-1]
+        # counted once per image size and exit layout (the forward pass asks on every call)
+        key = (height, width, tuple(c.exit_layers), c.exit_pool_size, c.num_labels, pixel_values.device)
+        cache = self.__dict__.setdefault("_fractions_cache", {})
+        if key not in cache:
+            reach, head, full = self._flops(height, width)
+            reach_t = torch.tensor(reach, dtype=torch.float64)
+            head_t = torch.tensor(head, dtype=torch.float64)
+            both = torch.stack([reach_t + head_t.cumsum(0), reach_t + head_t]) / full  # (2, num_exits)
+            cache[key] = both.float().to(pixel_values.device)
+        both = cache[key][:, None].expand(-1, pixel_values.shape[0], -1)
         return both[0], both[1]
 
     def exit_compute_fractions(self, pixel_values: torch.Tensor) -> torch.Tensor:
