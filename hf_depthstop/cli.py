@@ -17,6 +17,7 @@ next to the package (editable or source install) or in `$HF_DEPTHSTOP_RECIPES`.
 
 import argparse
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -428,7 +429,10 @@ def save_atomically(model, dest: str, source: str | None, tokenizer=None, extra_
                 readme.write_text(text, encoding="utf-8")
         elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        model.save_pretrained(tmp)
+        if "model_card" in inspect.signature(model.save_pretrained).parameters:  # DepthStopHubMixin
+            model.save_pretrained(tmp, model_card={"model_name": dest_path.name})  # a new card is titled after dest
+        else:
+            model.save_pretrained(tmp)
         for filename, values in (extra_json or {}).items():
             (tmp / filename).write_text(json.dumps(values, indent=2, default=float), encoding="utf-8")
         if dest_path.exists():
