@@ -19,6 +19,7 @@ Variants (exit_gradient, exit weights, L_depth terms):
 - `final_heavy`: final 1, early 0.3, no L_depth, full gradient.
 - `ldepth_distill`: final_heavy + distill (lambda 1), full gradient: the recipe's setting.
 - `ldepth_distill_eq`: as ldepth_distill with gradient equilibrium.
+- `ldepth_distill_a0.1`: as ldepth_distill with the early exits' gradient into the backbone scaled by 0.1.
 - `ldepth_stop`: final_heavy + the soft stopping cost (lambda 1, c 0.1), full gradient.
 - `ldepth_dr`: final_heavy + the diminishing-returns penalty (lambda 1), full gradient (faithfulness study).
 With LoRA the exits share the frozen LM head, so `exit_gradient=detach` would train nothing but the final exit: it
@@ -53,6 +54,9 @@ VARIANTS = {
     "ldepth_distill_eq": {
         "exit_weighting": "final_heavy", "early_exit_weight": "0.3", "depth_terms": "distill",
         "exit_gradient": "equilibrium",
+    },
+    "ldepth_distill_a0.1": {
+        "exit_weighting": "final_heavy", "early_exit_weight": "0.3", "depth_terms": "distill", "exit_gradient": "0.1",
     },
     "ldepth_stop": {"exit_weighting": "final_heavy", "early_exit_weight": "0.3", "depth_terms": "stop"},
     "ldepth_dr": {"exit_weighting": "final_heavy", "early_exit_weight": "0.3", "depth_terms": "dr"},
