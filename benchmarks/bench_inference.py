@@ -75,7 +75,7 @@ QUICKSTART_HINT = (
     "run the quickstart first: `python recipes/quickstart.py` (it saves outputs/quickstart), or for images "
     "`python recipes/train_image_classifier.py --config recipes/configs/mnist_resnet.yaml` (outputs/mnist_resnet)"
 )
-# model_type -> (Auto class, stock class, stock config class) for the image classifiers
+# model_type -> (stock classifier class, stock config class) of the image classifiers
 IMAGE_MODELS = {
     "depthstop_vit": (ViTForImageClassification, ViTConfig),
     "depthstop_resnet": (ResNetForImageClassification, ResNetConfig),

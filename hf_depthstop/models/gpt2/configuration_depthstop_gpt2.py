@@ -7,6 +7,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config
 
+from ...configuration_common import adopt_checkpoint_config_dict
 from ...stopping import validate_exit_fields
 
 
@@ -46,14 +47,9 @@ class DepthStopGPT2Config(GPT2Config):
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        model_type = config_dict.get("model_type")
-        if model_type not in COMPATIBLE_MODEL_TYPES:
-            raise ValueError(
-                f"{pretrained_model_name_or_path!r} is not a GPT-2 checkpoint: its config has model_type="
-                f"{model_type!r}, expected one of {COMPATIBLE_MODEL_TYPES}"
-            )
-        config_dict["model_type"] = cls.model_type
-        return config_dict, kwargs
+        return adopt_checkpoint_config_dict(
+            config_dict, pretrained_model_name_or_path, COMPATIBLE_MODEL_TYPES, "GPT-2", cls.model_type
+        ), kwargs
 
 
 __all__ = ["DepthStopGPT2Config"]

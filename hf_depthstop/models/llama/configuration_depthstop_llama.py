@@ -7,6 +7,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
+from ...configuration_common import adopt_checkpoint_config_dict
 from ...stopping import validate_exit_fields
 
 
@@ -62,14 +63,9 @@ class DepthStopLlamaConfig(LlamaConfig):
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        model_type = config_dict.get("model_type")
-        if model_type not in COMPATIBLE_MODEL_TYPES:
-            raise ValueError(
-                f"{pretrained_model_name_or_path!r} is not a Llama-architecture checkpoint: its config has "
-                f"model_type={model_type!r}, expected one of {COMPATIBLE_MODEL_TYPES}"
-            )
-        config_dict["model_type"] = cls.model_type
-        return config_dict, kwargs
+        return adopt_checkpoint_config_dict(
+            config_dict, pretrained_model_name_or_path, COMPATIBLE_MODEL_TYPES, "Llama-architecture", cls.model_type
+        ), kwargs
 
 
 __all__ = ["DepthStopLlamaConfig"]

@@ -7,6 +7,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import ResNetConfig
 
+from ...configuration_common import adopt_checkpoint_config_dict
 from ...stopping import validate_exit_fields
 
 
@@ -121,8 +122,10 @@ class DepthStopResNetConfig(ResNetConfig):
             raise ValueError(f"exit_pool_size must be an integer >= 1, got exit_pool_size={pool!r}")
         stage_ends = list(self.stage_ends)
         validate_exit_fields(
-            self, default_exits=None if self.exit_mode == "block" else stage_ends,
-            allowed=stage_ends if self.exit_mode == "stage" else None, unit="residual block",
+            self,
+            default_exits=None if self.exit_mode == "block" else stage_ends,
+            allowed=stage_ends if self.exit_mode == "stage" else None,
+            unit="residual block",
             allowed_reason="exit_mode='stage' allows exits only at stage ends",
         )
         if isinstance(self.num_labels, bool) or self.num_labels < 1:
@@ -143,14 +146,9 @@ class DepthStopResNetConfig(ResNetConfig):
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        model_type = config_dict.get("model_type")
-        if model_type not in COMPATIBLE_MODEL_TYPES:
-            raise ValueError(
-                f"{pretrained_model_name_or_path!r} is not a ResNet checkpoint: its config has "
-                f"model_type={model_type!r}, expected one of {COMPATIBLE_MODEL_TYPES}"
-            )
-        config_dict["model_type"] = cls.model_type  # a stock ResNet config becomes ours without a mismatch warning
-        return config_dict, kwargs
+        return adopt_checkpoint_config_dict(
+            config_dict, pretrained_model_name_or_path, COMPATIBLE_MODEL_TYPES, "ResNet", cls.model_type
+        ), kwargs
 
 
 __all__ = ["DepthStopResNetConfig"]

@@ -7,6 +7,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import ViTConfig
 
+from ...configuration_common import adopt_checkpoint_config_dict, resolve_exit_head_width
 from ...stopping import validate_exit_fields
 
 
@@ -98,23 +99,14 @@ class DepthStopViTConfig(ViTConfig):
         if isinstance(self.num_channels, bool) or not isinstance(self.num_channels, int) or self.num_channels < 1:
             raise ValueError(f"num_channels must be an integer >= 1, got {self.num_channels!r}")
         validate_exit_fields(self)
-        if self.exit_head_hidden_size is None:
-            self.exit_head_hidden_size = self.hidden_size
-        width = self.exit_head_hidden_size
-        if isinstance(width, bool) or not isinstance(width, int) or width < 0:
-            raise ValueError(f"exit_head_hidden_size must be an integer >= 0, got {self.exit_head_hidden_size!r}")
+        resolve_exit_head_width(self)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        model_type = config_dict.get("model_type")
-        if model_type not in COMPATIBLE_MODEL_TYPES:
-            raise ValueError(
-                f"{pretrained_model_name_or_path!r} is not a ViT checkpoint: its config has model_type={model_type!r}, "
-                f"expected one of {COMPATIBLE_MODEL_TYPES}"
-            )
-        config_dict["model_type"] = cls.model_type  # a stock ViT config becomes ours without a mismatch warning
-        return config_dict, kwargs
+        return adopt_checkpoint_config_dict(
+            config_dict, pretrained_model_name_or_path, COMPATIBLE_MODEL_TYPES, "ViT", cls.model_type
+        ), kwargs
 
 
 __all__ = ["DepthStopViTConfig"]
