@@ -22,8 +22,14 @@ Variants (exit_gradient, exit weights, L_depth terms):
 - `ldepth_distill_a0.1`: as ldepth_distill with the early exits' gradient into the backbone scaled by 0.1.
 - `ldepth_stop`: final_heavy + the soft stopping cost (lambda 1, c 0.1), full gradient.
 - `ldepth_dr`: final_heavy + the diminishing-returns penalty (lambda 1), full gradient (faithfulness study).
-With LoRA the exits share the frozen LM head, so `exit_gradient=detach` would train nothing but the final exit: it
-equals `plain` and is not run.
+- `adapter_ce`: each early exit gets an affine adapter (`exit_adapter=affine`); the early exits' gradient is detached
+  from the backbone (`exit_gradient=detach`), so LoRA sees the final exit's loss only (the final exit is `plain`'s by
+  construction) and the adapters learn from final_heavy CE alone.
+- `adapter_distill`: as adapter_ce plus distill (lambda 1): the two-stage idea done in one run.
+- `adapter_distill_a0.1`: adapters plus the early exits' gradient into the backbone scaled by 0.1.
+Without adapters and with LoRA the exits share the frozen LM head, so `exit_gradient=detach` would train nothing but
+the final exit: it equals `plain` and is not run. Every variant's early exits predict over the same
+`--exit_vocab_size` most frequent training tokens (so their heads cost what they will cost in `generate`).
 """
 
 import argparse
@@ -60,6 +66,18 @@ VARIANTS = {
     },
     "ldepth_stop": {"exit_weighting": "final_heavy", "early_exit_weight": "0.3", "depth_terms": "stop"},
     "ldepth_dr": {"exit_weighting": "final_heavy", "early_exit_weight": "0.3", "depth_terms": "dr"},
+    "adapter_ce": {
+        "exit_adapter": "affine", "exit_gradient": "detach", "exit_weighting": "final_heavy",
+        "early_exit_weight": "0.3", "depth_loss_weight": "0",
+    },
+    "adapter_distill": {
+        "exit_adapter": "affine", "exit_gradient": "detach", "exit_weighting": "final_heavy",
+        "early_exit_weight": "0.3", "depth_terms": "distill",
+    },
+    "adapter_distill_a0.1": {
+        "exit_adapter": "affine", "exit_gradient": "0.1", "exit_weighting": "final_heavy",
+        "early_exit_weight": "0.3", "depth_terms": "distill",
+    },
 }  # fmt: skip
 
 
@@ -68,6 +86,10 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma-separated, among {', '.join(VARIANTS)}.")
     p.add_argument("--max_steps", type=int, default=15, help="Training steps per variant (4 x 128 tokens each).")
     p.add_argument("--eval_blocks", type=int, default=32, help="Validation blocks (128 tokens) for every measure.")
+    p.add_argument(
+        "--exit_vocab_size", type=int, default=4096,
+        help="Early exits predict over this many most frequent training tokens (0: the whole vocabulary).",
+    )
     p.add_argument("--calibration_target", type=float, default=0.1, help="Allowed disagreement with full depth.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -81,6 +103,8 @@ def parse_args(argv=None):
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose among {list(VARIANTS)}")
+    if args.exit_vocab_size < 0:
+        p.error(f"--exit_vocab_size must be >= 0, got {args.exit_vocab_size}")
     for name in ("max_steps", "eval_blocks"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -93,6 +117,9 @@ def run_variant(name: str, args) -> dict:
     argv += ["--max_steps", str(args.max_steps), "--max_eval_blocks", str(args.eval_blocks), "--seed", str(args.seed)]
     argv += ["--max_train_seconds", "1e9", "--logging_steps", str(max(1, args.max_steps // 3))]
     argv += ["--warmup_steps", str(max(1, args.max_steps // 10))]  # the recipe's 10 would eat a small budget
+    argv += ["--exit_adapter", "none", "--exit_gradient", "full", "--depth_terms", "distill", "--depth_loss_weight", "1"]
+    if args.exit_vocab_size:
+        argv += ["--exit_vocab_size", str(args.exit_vocab_size)]
     for key, value in overrides.items():
         argv += [f"--{key}", value]
     script_args, training_args = train_lm.parse_args(argv)
@@ -135,9 +162,12 @@ def to_markdown(rows: list[dict], args) -> str:
     lines = [
         "# L_depth ablation on SmolLM2-135M (LoRA, Shakespeare; validation plays only)",
         "",
-        f"`python benchmarks/ablation_lm.py --max_steps {args.max_steps} --eval_blocks {args.eval_blocks}`: "
+        f"`python benchmarks/ablation_lm.py --max_steps {args.max_steps} --eval_blocks {args.eval_blocks} "
+        f"--exit_vocab_size {args.exit_vocab_size}`: "
         f"{args.max_steps} LoRA steps of 4 x 128 tokens per variant (a small budget: indicative, one seed), "
-        f"{args.eval_blocks} validation blocks. Compute fractions count every exit head evaluated up to the stop "
+        f"{args.eval_blocks} validation blocks; early exits predict over the "
+        f"{args.exit_vocab_size or 'whole'} most frequent training tokens. Compute fractions count every exit head "
+        "(and adapter) evaluated up to the stop "
         f"(1.0 = the stock model); rules calibrated with `calibrate_lm` to >= {1 - args.calibration_target:.0%} "
         "teacher-forced agreement with the full-depth argmax on the same blocks.",
         "",
@@ -164,7 +194,9 @@ def main(argv=None):
     os.makedirs(args.cache_dir, exist_ok=True)
     rows = []
     for name in args.variants:
-        cache = os.path.join(args.cache_dir, f"{name}_steps{args.max_steps}_blocks{args.eval_blocks}.json")
+        cache = os.path.join(
+            args.cache_dir, f"{name}_steps{args.max_steps}_blocks{args.eval_blocks}_vocab{args.exit_vocab_size}.json"
+        )
         if os.path.isfile(cache):
             with open(cache) as f:
                 rows.append(json.load(f))

@@ -15,7 +15,7 @@ from transformers import (
 
 from .calibration import CalibrationReport, calibrate
 from .evaluation import compare_rules
-from .generation import calibrate_lm
+from .generation import calibrate_lm, exit_vocab_from_corpus
 from .hub import DepthStopHubMixin, HubPushError
 from .losses import DepthLossSpec, depth_stop_loss
 from .modelcard import write_model_card
@@ -74,6 +74,7 @@ __all__ = [
     "__version__",
     "calibrate",
     "calibrate_lm",
+    "exit_vocab_from_corpus",
     "compare_rules",
     "depth_stop_loss",
     "write_model_card",

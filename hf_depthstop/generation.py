@@ -31,11 +31,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.utils import logging
 
 from .losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, ScaleGradient, exit_loss_weights, parse_exit_gradient
+from .configuration_common import validate_lm_exit_head_fields
 from .modeling_outputs import DepthStopCausalLMOutputWithPast, DepthStopGenerateOutput
 from .stopping import asti_features, build_rule, observe, validate_rule
 
@@ -57,7 +61,43 @@ class _DecodeState:
     temperatures: list
     next_compute: torch.Tensor  # (num_exits,) compute fraction from each exit to the next
     fill: tuple  # architecture-specific fused K/V weights for filling skipped layers
+    exit_weight: torch.Tensor | None = None  # (len(exit_vocab), hidden): LM-head rows of the early exits' vocabulary
     exit_layers: list = field(default_factory=list)  # per decoding step: (batch,) 0-based exit layer
+
+
+class ExitAdapter(nn.Linear):
+    """Light adapter of one early exit of a decoder LM: `(..., hidden_size)` -> `h + h A^T + b`, same shape.
+
+    Initialised to zero, so an untrained adapter leaves the shared head unchanged (`config.exit_adapter="affine"`)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + super().forward(hidden)
+
+
+def exit_vocab_from_corpus(token_ids, size: int, always_include=()) -> list[int]:
+    """The early exits' vocabulary (`config.exit_vocab`): the `size` most frequent token ids of a corpus.
+
+    Args:
+        token_ids (`torch.Tensor`, `np.ndarray` or nested lists of ints): training text, any shape (e.g. the
+            `input_ids` of the training blocks). Never build it from evaluation text.
+        size (`int`): how many ids to keep (ties broken towards the smaller id); fewer when the corpus has fewer
+            distinct tokens.
+        always_include (iterable of `int`): ids added whatever their frequency (e.g. the EOS token).
+
+    Returns:
+        `list[int]`, sorted.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be an integer >= 1, got size={size!r}")
+    ids = np.asarray(token_ids.cpu() if isinstance(token_ids, torch.Tensor) else token_ids, dtype=np.int64).ravel()
+    if ids.size == 0:
+        raise ValueError("token_ids is empty: the exit vocabulary needs training text")
+    if ids.min() < 0:
+        raise ValueError(f"token_ids must be non-negative token ids, got {int(ids.min())}")
+    counts = np.bincount(ids)
+    order = np.lexsort((np.arange(len(counts)), -counts))  # most frequent first, then smaller id
+    keep = [int(t) for t in order[:size] if counts[t] > 0]
+    return sorted(set(keep) | {int(t) for t in always_include})
 
 
 def _crop_cache(cache, length: int) -> None:
@@ -74,7 +114,11 @@ class DepthStopCausalLMMixin:
     norm), `_ds_embed(input_ids, inputs_embeds, position_ids)`, `_ds_full_context(hidden, attention_mask,
     position_ids)` and `_ds_run_layer(layer, hidden, context)` (the plain layer loop, training path),
     `_ds_decode_context(hidden, position_ids)`, `_ds_decode_layer(...)`, `_ds_fill_weights()`, `_ds_fill(...)` (a
-    decoding step) and `_ds_flops()` (per-token FLOPs of one layer and of the LM head).
+    decoding step) and `_ds_flops()` (per-token FLOPs of one layer and of the LM head). Its `__init__` calls
+    `_ds_init_exit_heads()` before `post_init()`.
+
+    Exit k (0-based position in `config.exit_layers`) reads `lm_head(norm(h))`; an early exit (not the last) first
+    applies its [`ExitAdapter`] (`config.exit_adapter="affine"`) and predicts over `config.exit_vocab` only when set.
     """
 
     # ----------------------------------------------------------------------------------------------------------
@@ -101,6 +145,97 @@ class DepthStopCausalLMMixin:
             params = self.config.stopping_params
         return name, params
 
+    # ----------------------------------------------------------------------------------------------------------
+    # Exit heads
+    # ----------------------------------------------------------------------------------------------------------
+    def _ds_init_exit_heads(self) -> None:
+        """Create `exit_adapters` (one [`ExitAdapter`] per early exit, or `None`), from `config.exit_adapter`."""
+        config = self.config
+        width = self.lm_head.in_features
+        if config.exit_adapter == "affine":
+            self.exit_adapters = nn.ModuleList(ExitAdapter(width, width) for _ in config.exit_layers[:-1])
+        else:
+            self.exit_adapters = None
+
+    def _init_weights(self, module):
+        if isinstance(module, ExitAdapter):  # zero: an untrained adapter is the identity
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+            return
+        super()._init_weights(module)
+
+    def _exit_vocab_ids(self) -> torch.Tensor | None:
+        """`config.exit_vocab` as a `(len(exit_vocab),)` long tensor on the model's device, or `None`."""
+        vocab = self.config.exit_vocab
+        if vocab is None:
+            return None
+        device = self.lm_head.weight.device
+        cached = getattr(self, "_ds_vocab_cache", None)
+        if cached is None or cached[0] is not vocab or cached[1].device != device:
+            cached = (vocab, torch.tensor(vocab, dtype=torch.long, device=device))
+            self._ds_vocab_cache = cached
+        return cached[1]
+
+    def set_exit_vocab(self, token_ids) -> None:
+        """Restrict the early exits' predictions to `token_ids` (see `exit_vocab` in the config), or lift the
+        restriction with `None`. A calibration made with other exits is dropped (the rule falls back to `none`).
+
+        Raises:
+            `ValueError` naming the bad ids; the config is left unchanged.
+        """
+        previous = self.config.exit_vocab
+        self.config.exit_vocab = None if token_ids is None else list(token_ids)
+        try:
+            validate_lm_exit_head_fields(self.config)
+        except ValueError:
+            self.config.exit_vocab = previous
+            raise
+        if self.config.calibration is not None and self.config.exit_vocab != previous:
+            logger.warning("exit_vocab changed: the calibration was made with the previous exits and is dropped")
+            self.config.calibration = None
+            self.set_stopping_rule("none")
+
+    def _exit_logits(self, hidden: torch.Tensor, k: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of exit `k` (0-based position in `config.exit_layers`).
+
+        Args:
+            hidden (`torch.Tensor` of shape `(..., hidden_size)`): the state after exit k's layer.
+            weight (`torch.Tensor`, *optional*): `lm_head.weight[exit_vocab]`, when already gathered.
+
+        Returns:
+            `(..., vocab_size)` for the last exit (or without `exit_vocab`); `(..., len(exit_vocab))` for an early
+            exit with `exit_vocab` set (column j is token `exit_vocab[j]`).
+        """
+        last = k == len(self.config.exit_layers) - 1
+        if not last and self.exit_adapters is not None:
+            hidden = self.exit_adapters[k](hidden)
+        normed = self._ds_norm()(hidden)
+        ids = None if last else self._exit_vocab_ids()
+        if ids is None:
+            return self.lm_head(normed)
+        if weight is None:
+            weight = self.lm_head.weight.index_select(0, ids)
+        return F.linear(normed, weight)
+
+    def _widen_exit_logits(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        """`(..., len(exit_vocab))` logits of early exit `k` -> `(..., vocab_size)`, the lowest float elsewhere (so
+        softmax gives those tokens probability 0). Unchanged when exit `k` predicts over the whole vocabulary."""
+        ids = None if k == len(self.config.exit_layers) - 1 else self._exit_vocab_ids()
+        if ids is None:
+            return logits
+        wide = logits.new_full((*logits.shape[:-1], self.lm_head.out_features), torch.finfo(logits.dtype).min)
+        return wide.index_copy_(-1, ids, logits)
+
+    def exit_head_flops(self) -> list[float]:
+        """Per-token FLOPs of each exit's head (adapter + norm-free LM-head product), 0-based exit order."""
+        layer_f, head_f = self._ds_flops()
+        width = self.lm_head.in_features
+        vocab = self.config.exit_vocab
+        early = head_f if vocab is None else 2.0 * width * len(vocab)
+        if self.exit_adapters is not None:
+            early += 2.0 * width * width
+        return [early] * (len(self.config.exit_layers) - 1) + [head_f]
+
     def _exit_temperatures(self) -> list[float]:
         calib = self.config.calibration
         if calib and calib.get("temperatures"):
@@ -108,25 +243,43 @@ class DepthStopCausalLMMixin:
         return [1.0] * len(self.config.exit_layers)
 
     def _exit_lipschitz(self) -> list[float]:
-        """K for `asti_bound`: spectral norm of the shared head (final norm's gain folded into the LM head); the same
-        for every exit, 0 at the final exit."""
-        weight = self.lm_head.weight.float() * self._ds_norm().weight.float()[None, :]
-        k = torch.linalg.matrix_norm(weight, ord=2).item()
-        return [k] * (len(self.config.exit_layers) - 1) + [0.0]
+        """K for `asti_bound`: spectral norm of the head (final norm's gain folded into the LM head rows the early
+        exits use, times the adapter's `I + A` when there is one); 0 at the final exit."""
+        weight = self.lm_head.weight.float()
+        ids = self._exit_vocab_ids()
+        if ids is not None:
+            weight = weight.index_select(0, ids)
+        k = torch.linalg.matrix_norm(weight * self._ds_norm().weight.float()[None, :], ord=2).item()
+        out = []
+        for position in range(len(self.config.exit_layers) - 1):
+            scale = 1.0
+            if self.exit_adapters is not None:
+                a = self.exit_adapters[position].weight.float()
+                scale = torch.linalg.matrix_norm(a + torch.eye(a.shape[0], device=a.device), ord=2).item()
+            out.append(k * scale)
+        return out + [0.0]
 
     def exit_compute_fractions(self) -> torch.Tensor:
         """C_k per exit for one decoded token when every head up to exit k runs: shape `(num_exits,)`, float64.
-        Per-token FLOPs (projections and MLP; attention over the cache ignored), full model = all layers + 1 head."""
+        Per-token FLOPs (projections and MLP; attention over the cache ignored), full model = all layers + 1 head;
+        early heads cost what [`exit_head_flops`] says (less with `exit_vocab`)."""
         layer_f, head_f = self._ds_flops()
         full = self.config.num_hidden_layers * layer_f + head_f
+        heads = np.cumsum(self.exit_head_flops())
         return torch.tensor(
-            [((layer + 1) * layer_f + (k + 1) * head_f) / full for k, layer in enumerate(self.config.exit_layers)],
+            [((layer + 1) * layer_f + heads[k]) / full for k, layer in enumerate(self.config.exit_layers)],
             dtype=torch.float64,
         )
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The shared exit head: final norm + LM head. `(..., hidden_size)` -> `(..., vocab_size)`."""
-        return self.lm_head(self._ds_norm()(hidden))
+    def single_exit_compute_fractions(self) -> torch.Tensor:
+        """C_k when only exit k's head runs (rule `static`, or `none` at the last exit): `(num_exits,)`, float64."""
+        layer_f, head_f = self._ds_flops()
+        full = self.config.num_hidden_layers * layer_f + head_f
+        heads = self.exit_head_flops()
+        return torch.tensor(
+            [((layer + 1) * layer_f + heads[k]) / full for k, layer in enumerate(self.config.exit_layers)],
+            dtype=torch.float64,
+        )
 
     # ----------------------------------------------------------------------------------------------------------
     # Forward
@@ -209,9 +362,10 @@ class DepthStopCausalLMMixin:
             branches.append(branch)
             k += 1
         ratios = torch.stack(ratios, dim=-1)  # (batch, seq, num_exits)
-        logits = self._head(branches[-1])  # (batch, seq, vocab)
+        logits = self._exit_logits(branches[-1], num_exits - 1)  # (batch, seq, vocab)
         if labels is None:
-            exit_logits = torch.stack([self._head(b) for b in branches[:-1]] + [logits], dim=2)
+            early = [self._widen_exit_logits(self._exit_logits(b, k), k) for k, b in enumerate(branches[:-1])]
+            exit_logits = torch.stack(early + [logits], dim=2)
             return DepthStopCausalLMOutputWithPast(logits=logits, exit_logits=exit_logits, exit_residual_ratios=ratios)
         return self._exit_loss(logits, branches, ratios, labels, depth_loss_spec or DepthLossSpec())
 
@@ -219,7 +373,9 @@ class DepthStopCausalLMMixin:
         """sum_k w_k CE_k + lambda * L_depth over next-token predictions (labels shifted inside, -100 ignored).
 
         Non-final exits' logits are recomputed in backward (activation checkpointing), so at most one exit's
-        `(tokens, vocab)` logits are alive at a time."""
+        `(tokens, vocab)` logits are alive at a time. With `config.exit_vocab`, an early exit's CE is taken over the
+        tokens whose target is in that vocabulary (0 for the others; `exit_losses` averages over the former), and
+        its distillation teacher is the final exit's distribution renormalised over that vocabulary."""
         num_exits = len(branches)
         shifted = labels[:, 1:].to(logits.device)
         valid = shifted != -100  # (batch, seq - 1)
@@ -227,14 +383,25 @@ class DepthStopCausalLMMixin:
         t = spec.distill_temperature
         final = logits[:, :-1][valid].float()  # (n, vocab)
         final_logp = final.log_softmax(-1)
-        teacher = (final.detach() / t).log_softmax(-1) if "distill" in spec.depth_terms else None
+        ids = self._exit_vocab_ids()
+        distill = "distill" in spec.depth_terms
+        if ids is None:
+            early_targets = targets
+            teacher = (final.detach() / t).log_softmax(-1) if distill else None
+        else:
+            column = torch.full((final.shape[-1],), -1, dtype=torch.long, device=final.device)
+            column[ids] = torch.arange(len(ids), device=final.device)
+            early_targets = column[targets]  # (n,) -1 where the target is outside exit_vocab
+            teacher = (final.detach()[:, ids] / t).log_softmax(-1) if distill else None
+        inside = early_targets >= 0  # (n,)
 
-        def exit_terms(h):  # h: (n, hidden) -> per-token CE, max prob, KL to the final exit, correct
-            z = self._head(h).float()
+        def exit_terms(h, k):  # h: (n, hidden) -> per-token CE, max prob, KL to the final exit, correct
+            z = self._exit_logits(h, k).float()
             logp = z.log_softmax(-1)
-            ce = -logp.gather(-1, targets[:, None])[:, 0]
+            ce = -logp.gather(-1, early_targets.clamp_min(0)[:, None])[:, 0] * inside
             conf = logp.amax(-1).exp()
-            correct = (z.argmax(-1) == targets).float()
+            prediction = z.argmax(-1)
+            correct = ((prediction if ids is None else ids[prediction]) == targets).float()
             if teacher is None:
                 return ce, conf, torch.zeros_like(ce), correct
             student = logp if t == 1.0 else (z / t).log_softmax(-1)
@@ -242,19 +409,20 @@ class DepthStopCausalLMMixin:
             return ce, conf, kl, correct
 
         ces, confs, kls, accs = [], [], [], []
-        for branch in branches[:-1]:
+        for k, branch in enumerate(branches[:-1]):
             h = branch[:, :-1][valid]
             if torch.is_grad_enabled() and h.requires_grad:
-                ce, conf, kl, correct = checkpoint(exit_terms, h, use_reentrant=False)
+                ce, conf, kl, correct = checkpoint(exit_terms, h, k, use_reentrant=False)
             else:
-                ce, conf, kl, correct = exit_terms(h)
+                ce, conf, kl, correct = exit_terms(h, k)
             ces.append(ce), confs.append(conf), kls.append(kl), accs.append(correct)
         ces.append(-final_logp.gather(-1, targets[:, None])[:, 0])
         confs.append(final_logp.amax(-1).exp())
         kls.append(torch.zeros_like(ces[-1]))
         accs.append((final.argmax(-1) == targets).float())
         ce = torch.stack(ces, dim=1)  # (n, num_exits)
-        exit_losses = ce.mean(0)
+        counts = torch.tensor([float(inside.sum())] * (num_exits - 1) + [float(len(targets))], device=ce.device)
+        exit_losses = ce.sum(0) / counts.clamp_min(1.0)
         weights = exit_loss_weights(num_exits, spec.exit_weighting, spec.early_exit_weight).to(ce.device)
         loss = (exit_losses * weights).sum()
         depth = ce.new_zeros(())
@@ -302,6 +470,7 @@ class DepthStopCausalLMMixin:
         device = self.lm_head.weight.device
         fractions = self.exit_compute_fractions()
         next_compute = torch.cat([fractions.diff(), fractions.new_zeros(1)]).float().to(device)
+        ids = self._exit_vocab_ids()
         return _DecodeState(
             name=name,
             params=params,
@@ -310,6 +479,7 @@ class DepthStopCausalLMMixin:
             temperatures=self._exit_temperatures(),
             next_compute=next_compute,
             fill=self._ds_fill_weights(),
+            exit_weight=None if ids is None else self.lm_head.weight.index_select(0, ids),
         )
 
     def _decode_step(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, state: _DecodeState):
@@ -346,7 +516,7 @@ class DepthStopCausalLMMixin:
             k = state.exit_position.get(layer_index)
             if k is None or layer_index == num_layers - 1:
                 continue
-            logits = self._head(hidden[:, 0])  # (active, vocab)
+            logits = self._exit_logits(hidden[:, 0], k, state.exit_weight)  # (active, vocab or len(exit_vocab))
             if name == "static":  # every row stops here: no observation, no sync
                 stop = None
             else:
@@ -366,13 +536,13 @@ class DepthStopCausalLMMixin:
                 if num_stop == logits.shape[0]:
                     stop = None
             if out_logits is None:
-                out_logits = logits.new_empty(batch, logits.shape[-1])
+                out_logits = logits.new_empty(batch, self.lm_head.out_features)
             if stop is None:  # every running row stops here
                 rows = active
                 if rows is None:
-                    out_logits, source = logits, hidden
+                    out_logits, source = self._widen_exit_logits(logits, k), hidden
                 else:
-                    out_logits[rows] = logits
+                    out_logits[rows] = self._widen_exit_logits(logits, k)
                     source = source.index_copy(0, rows, hidden)
                     exit_layer[rows] = layer_index
                 if active is None:
@@ -381,14 +551,14 @@ class DepthStopCausalLMMixin:
                 finished = True
                 break
             rows = stop.nonzero()[:, 0] if active is None else active[stop]
-            out_logits[rows] = logits[stop]
+            out_logits[rows] = self._widen_exit_logits(logits[stop], k)
             exit_layer[rows] = layer_index
             source = hidden.clone() if active is None else source.index_copy(0, active, hidden)
             keep = ~stop
             active = keep.nonzero()[:, 0] if active is None else active[keep]
             hidden, obs = hidden[keep], obs.select(keep)
         if not finished:
-            logits = self._head(hidden[:, 0])
+            logits = self._exit_logits(hidden[:, 0], len(self.config.exit_layers) - 1)
             if active is None:
                 out_logits = logits
             else:
@@ -632,6 +802,7 @@ def collect_lm_observations(model, input_ids_batches, max_tokens: int | None = N
     preds, maxp, ent = [], [], []
     total = 0
     device = model.lm_head.weight.device
+    vocab_ids = model._exit_vocab_ids()
     for batch in input_ids_batches:
         if isinstance(batch, dict):
             ids, mask = batch["input_ids"], batch.get("attention_mask")
@@ -649,12 +820,15 @@ def collect_lm_observations(model, input_ids_batches, max_tokens: int | None = N
         ratios = out.exit_residual_ratios[valid]  # (n, num_exits)
         for k in range(num_exits):
             logits = out.exit_logits[:, :, k][valid]  # (n, vocab)
+            shortlisted = vocab_ids is not None and k < num_exits - 1
+            if shortlisted:  # the early exit's own vocabulary, as in a decoding step
+                logits = logits[:, vocab_ids]
             norm = torch.full((n,), math.sqrt(model.config.hidden_size), device=device)
             obs = observe(
                 k, exit_layers[k], logits, temperatures[k], obs, ratios[:, k], norm, next_compute[k].expand(n)
             )
             feats[k].append(asti_features(obs, "compact").double().cpu().numpy())
-            batch_preds.append(obs.prediction.cpu())
+            batch_preds.append((vocab_ids[obs.prediction] if shortlisted else obs.prediction).cpu())
             batch_max.append(obs.max_prob.double().cpu())
             batch_ent.append(obs.entropy.double().cpu())
         preds.append(torch.stack(batch_preds, 1))
@@ -724,9 +898,7 @@ def calibrate_lm(
     same = preds[:, :-1] == preds[:, -1:]  # (n, num_exits - 1)
     n = preds.shape[0]
     compute = model.exit_compute_fractions().numpy()  # every head up to the exit runs
-    layer_f, head_f = model._ds_flops()
-    full_f = model.config.num_hidden_layers * layer_f + head_f
-    single = np.array([((layer + 1) * layer_f + head_f) / full_f for layer in exit_layers])  # `static`: one head
+    single = model.single_exit_compute_fractions().numpy()  # `static` and `none`: one head
 
     # ASTI: cross-fitted probabilities choose the cost; the stored model is refitted on every token
     fold = np.random.default_rng(seed).permutation(n) % 2
@@ -801,4 +973,11 @@ def calibrate_lm(
     return calibration
 
 
-__all__ = ["DEPTHSTOP_MODES", "DepthStopCausalLMMixin", "calibrate_lm", "collect_lm_observations"]
+__all__ = [
+    "DEPTHSTOP_MODES",
+    "DepthStopCausalLMMixin",
+    "ExitAdapter",
+    "calibrate_lm",
+    "collect_lm_observations",
+    "exit_vocab_from_corpus",
+]

@@ -40,6 +40,7 @@ from hf_depthstop import (  # noqa: E402
     DepthStopTrainer,
     DepthStopTrainingArguments,
     calibrate_lm,
+    exit_vocab_from_corpus,
 )
 from hf_depthstop.data import load_shakespeare, smollm2_checkpoint_path  # noqa: E402
 from hf_depthstop.peft_utils import DEPTHSTOP_CONFIG_NAME, lora_config, save_adapter  # noqa: E402
@@ -54,6 +55,17 @@ class ScriptArguments:
     exit_layers: str | None = field(
         default="11,17,23,29",
         metadata={"help": "Comma-separated 0-based exit layers ('all' for every layer; the last is always added)."},
+    )
+    exit_adapter: str = field(
+        default="none",
+        metadata={"help": "Early exits' light adapter: 'none' (the shared head alone) or 'affine' (h + A h + b, zero init)."},
+    )
+    exit_vocab_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Early exits predict over this many of the training plays' most frequent tokens (plus EOS), so an "
+            "evaluated exit costs far less than the full LM head. None: the whole vocabulary."
+        },
     )
     block_size: int = field(default=128, metadata={"help": "Tokens per training / evaluation block."})
     max_train_blocks: int | None = field(default=None, metadata={"help": "Cap on train blocks (None: all 33 plays)."})
@@ -129,6 +141,9 @@ def build_trainer(script_args: ScriptArguments, training_args: DepthStopTraining
     if script_args.num_threads:
         torch.set_num_threads(script_args.num_threads)
     set_seed(training_args.seed)
+    size = script_args.exit_vocab_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"exit_vocab_size must be an integer >= 1 or None, got exit_vocab_size={size!r}")
     path = script_args.model_name_or_path or smollm2_checkpoint_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     blocks = load_shakespeare(
@@ -139,11 +154,15 @@ def build_trainer(script_args: ScriptArguments, training_args: DepthStopTraining
         seed=script_args.split_seed,
     )
     blocks.pop("test")  # held out for the benchmark; never used for training, selection or calibration
-    extra = {}
+    extra = {"exit_adapter": script_args.exit_adapter}
     exit_layers = _exit_layers(script_args.exit_layers)
     if exit_layers is not None:
         extra["exit_layers"] = exit_layers
     model = DepthStopLlamaForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
+    if size is not None:  # from the training plays only
+        model.set_exit_vocab(
+            exit_vocab_from_corpus(blocks["train"]["input_ids"], size, always_include=[tokenizer.eos_token_id])
+        )
     if script_args.use_peft:
         from peft import get_peft_model
 

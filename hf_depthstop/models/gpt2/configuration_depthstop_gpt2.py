@@ -7,7 +7,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config
 
-from ...configuration_common import adopt_checkpoint_config_dict
+from ...configuration_common import adopt_checkpoint_config_dict, validate_lm_exit_head_fields
 from ...stopping import validate_exit_fields
 
 
@@ -18,8 +18,9 @@ COMPATIBLE_MODEL_TYPES = ("gpt2", "depthstop_gpt2")
 class DepthStopGPT2Config(GPT2Config):
     r"""
     [`GPT2Config`] plus the exits and the stopping rule; every GPT-2 checkpoint's config loads into it. Fields
-    `exit_layers` (0-based, default every layer, last always added), `stopping_rule`, `stopping_params` and
-    `calibration` mean what they mean in [`DepthStopLlamaConfig`]; every exit reads the shared `ln_f` + LM head.
+    `exit_layers` (0-based, default every layer, last always added), `stopping_rule`, `stopping_params`,
+    `calibration`, `exit_adapter` and `exit_vocab` mean what they mean in [`DepthStopLlamaConfig`]; every exit reads
+    the shared `ln_f` + LM head.
 
     Example:
 
@@ -35,6 +36,8 @@ class DepthStopGPT2Config(GPT2Config):
     stopping_rule: str = "none"
     stopping_params: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
+    exit_adapter: str = "none"
+    exit_vocab: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -43,6 +46,7 @@ class DepthStopGPT2Config(GPT2Config):
     def validate_exits(self) -> None:
         """Normalise and check the exit fields; `ValueError` naming the field and the value otherwise."""
         validate_exit_fields(self)
+        validate_lm_exit_head_fields(self)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):

@@ -19,13 +19,16 @@ from ...generation import DepthStopCausalLMMixin
 from ...hub import DepthStopHubMixin
 from ...losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec
 from ...modeling_outputs import DepthStopCausalLMOutputWithPast
+from ...peft_utils import DepthStopPeftMixin
 from .configuration_depthstop_gpt2 import DepthStopGPT2Config
 
 
 logger = logging.get_logger(__name__)
 
 
-class DepthStopGPT2LMHeadModel(DepthStopHubMixin, DepthStopCausalLMMixin, GPT2PreTrainedModel, GenerationMixin):
+class DepthStopGPT2LMHeadModel(
+    DepthStopHubMixin, DepthStopPeftMixin, DepthStopCausalLMMixin, GPT2PreTrainedModel, GenerationMixin
+):
     r"""
     GPT-2 with an exit after each block in `config.exit_layers` (shared `ln_f` + LM head) and per-token early exits in
     `generate`. Same paths and arguments as [`DepthStopLlamaForCausalLM`].
@@ -43,6 +46,7 @@ class DepthStopGPT2LMHeadModel(DepthStopHubMixin, DepthStopCausalLMMixin, GPT2Pr
     config: DepthStopGPT2Config
     base_model_prefix = "transformer"
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _exit_head_modules = ("exit_adapters",)  # saved with a PEFT adapter when config.exit_adapter is set
     accepts_loss_kwargs = False
 
     def __init__(self, config: DepthStopGPT2Config):
@@ -50,6 +54,7 @@ class DepthStopGPT2LMHeadModel(DepthStopHubMixin, DepthStopCausalLMMixin, GPT2Pr
         super().__init__(config)
         self.transformer = GPT2Model(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self._ds_init_exit_heads()
         self._ds_state = None
         self.post_init()
 

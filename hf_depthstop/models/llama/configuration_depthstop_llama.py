@@ -7,7 +7,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-from ...configuration_common import adopt_checkpoint_config_dict
+from ...configuration_common import adopt_checkpoint_config_dict, validate_lm_exit_head_fields
 from ...stopping import validate_exit_fields
 
 
@@ -33,6 +33,17 @@ class DepthStopLlamaConfig(LlamaConfig):
         stopping_params (`dict`, *optional*): the rule's keyword parameter, e.g. `{"threshold": 0.9}`.
         calibration (`dict`, *optional*): written by [`hf_depthstop.generation.calibrate_lm`] (per-exit temperatures,
             the ASTI estimator with compact features, the calibrated settings and the table); JSON-serialisable.
+        exit_adapter (`str`, *optional*, defaults to `"none"`):
+            `"affine"` gives each early exit (not the last) a light adapter before the shared head: h + A_k h + b_k,
+            with A_k `(hidden_size, hidden_size)` initialised to zero (so an untrained adapter is the shared head
+            itself; a learned per-layer affine map, as in the "tuned lens"). It costs 2 * hidden_size^2 FLOPs per
+            evaluated exit and is trained (and saved with a LoRA adapter) like any exit head.
+        exit_vocab (`list[int]`, *optional*):
+            Token ids the early exits (not the last) predict over: their LM-head product uses these rows only, so an
+            evaluated exit costs `2 * hidden_size * len(exit_vocab)` FLOPs instead of `2 * hidden_size * vocab_size`
+            (4096 of SmolLM2's 49152 tokens: 12x cheaper). A token that stops early is one of these; the last exit
+            always predicts over the whole vocabulary. Build it from training text with
+            [`hf_depthstop.generation.exit_vocab_from_corpus`]. `None` (default): the whole vocabulary.
 
     Example:
 
@@ -50,6 +61,8 @@ class DepthStopLlamaConfig(LlamaConfig):
     stopping_rule: str = "none"
     stopping_params: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
+    exit_adapter: str = "none"
+    exit_vocab: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -59,6 +72,7 @@ class DepthStopLlamaConfig(LlamaConfig):
         """Normalise and check the exit fields (again when a model is built: `from_pretrained(..., **kwargs)` sets
         overriding attributes after construction)."""
         validate_exit_fields(self)
+        validate_lm_exit_head_fields(self)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):

@@ -21,6 +21,7 @@ from ...generation import DepthStopCausalLMMixin
 from ...hub import DepthStopHubMixin
 from ...losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec
 from ...modeling_outputs import DepthStopCausalLMOutputWithPast
+from ...peft_utils import DepthStopPeftMixin
 from .configuration_depthstop_llama import DepthStopLlamaConfig
 
 
@@ -33,7 +34,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotate_half(x) * sin
 
 
-class DepthStopLlamaForCausalLM(DepthStopHubMixin, DepthStopCausalLMMixin, LlamaPreTrainedModel, GenerationMixin):
+class DepthStopLlamaForCausalLM(
+    DepthStopHubMixin, DepthStopPeftMixin, DepthStopCausalLMMixin, LlamaPreTrainedModel, GenerationMixin
+):
     r"""
     Llama causal LM with an exit after each layer in `config.exit_layers` (shared final norm + LM head) and per-token
     early exits in `generate`.
@@ -59,6 +62,7 @@ class DepthStopLlamaForCausalLM(DepthStopHubMixin, DepthStopCausalLMMixin, Llama
     config: DepthStopLlamaConfig
     base_model_prefix = "model"
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _exit_head_modules = ("exit_adapters",)  # saved with a PEFT adapter when config.exit_adapter is set
     accepts_loss_kwargs = False  # the loss is computed here; Trainer must not inject num_items_in_batch
 
     def __init__(self, config: DepthStopLlamaConfig):
@@ -67,6 +71,7 @@ class DepthStopLlamaForCausalLM(DepthStopHubMixin, DepthStopCausalLMMixin, Llama
         self.model = LlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._ds_init_exit_heads()
         self._ds_state = None
         self.post_init()
 
