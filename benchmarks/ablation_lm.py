@@ -27,6 +27,8 @@ Variants (exit_gradient, exit weights, L_depth terms):
   construction) and the adapters learn from final_heavy CE alone.
 - `adapter_distill`: as adapter_ce plus distill (lambda 1): the two-stage idea done in one run.
 - `adapter_distill_a0.1`: adapters plus the early exits' gradient into the backbone scaled by 0.1.
+- `adapter_distill_lr5e-3`: adapter_distill with the adapters at learning rate 5e-3 (`exit_head_learning_rate`; the
+  adapters start from zero while LoRA stays at the recipe's 5e-4).
 Without adapters and with LoRA the exits share the frozen LM head, so `exit_gradient=detach` would train nothing but
 the final exit: it equals `plain` and is not run. Every variant's early exits predict over the same
 `--exit_vocab_size` most frequent training tokens (so their heads cost what they will cost in `generate`).
@@ -73,6 +75,10 @@ VARIANTS = {
     "adapter_distill": {
         "exit_adapter": "affine", "exit_gradient": "detach", "exit_weighting": "final_heavy",
         "early_exit_weight": "0.3", "depth_terms": "distill",
+    },
+    "adapter_distill_lr5e-3": {
+        "exit_adapter": "affine", "exit_gradient": "detach", "exit_weighting": "final_heavy",
+        "early_exit_weight": "0.3", "depth_terms": "distill", "exit_head_learning_rate": "5e-3",
     },
     "adapter_distill_a0.1": {
         "exit_adapter": "affine", "exit_gradient": "0.1", "exit_weighting": "final_heavy",
@@ -124,6 +130,8 @@ def run_variant(name: str, args) -> dict:
         argv += [f"--{key}", value]
     script_args, training_args = train_lm.parse_args(argv)
     training_args.prediction_loss_only = True
+    if "exit_head_learning_rate" not in overrides:  # whatever the recipe's yaml says: one learning rate
+        training_args.exit_head_learning_rate = None
     start = time.perf_counter()
     trainer, blocks, _ = train_lm.build_trainer(script_args, training_args)
     if VARIANTS[name] is not None:

@@ -13,8 +13,12 @@ Protocol (nothing is chosen on the test plays):
 - Reference: the stock `LlamaForCausalLM` (plain transformers, same weights) with greedy `generate`.
 - ASTI: `DepthStopLlamaForCausalLM.generate` with the calibrated `asti` rule. A model without a calibration (the
   "before" model) is calibrated here first with `calibrate_lm` on the *validation* plays at the same target as the
-  recipe, with the same exit layers as the "after" model, so both get the same protocol.
-- Lossless: `generate(..., depthstop_mode="lossless")` (drafts with ASTI exits, verifies at full depth).
+  recipe, with the same exit layers and early-exit vocabulary (`exit_vocab`) as the "after" model, so both get the
+  same protocol.
+- `asti (target T)`: a copy of the model calibrated here on the same validation blocks at the stricter
+  `--strict_target` (teacher-forced disagreement), to show the speed / agreement trade-off.
+- Lossless: `generate(..., depthstop_mode="lossless")` (drafts with ASTI exits, verifies at full depth), and
+  `lossless static@L`: drafts always leave at the first exit L (a fixed draft depth, as LayerSkip).
 - `assistant_early_exit=N` (LayerSkip-style self-speculation built into transformers; it refuses batches > 1, so it is
   run at batch 1 only), with N = the first exit layer + 1 by default.
 - Metrics per mode: new tokens per second (wall clock, every generated token counted, up to and including EOS), the
@@ -27,6 +31,7 @@ Writes `<out_dir>/generation.md` and `<out_dir>/generation.json`.
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -57,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--num_draft_tokens", type=int, default=4, help="Lossless mode: most tokens per draft.")
     p.add_argument("--assistant_early_exit", type=int, default=None, help="Layers of the LayerSkip draft.")
     p.add_argument("--calibration_target", type=float, default=0.1, help="Calibration of uncalibrated models.")
+    p.add_argument("--strict_target", type=float, default=0.02, help="Target of the extra, stricter ASTI mode.")
     p.add_argument("--calibration_blocks", type=int, default=64, help="Validation blocks for that calibration.")
     p.add_argument("--ppl_blocks", type=int, default=32, help="Test blocks (128 tokens) for the perplexity.")
     p.add_argument("--num_threads", type=int, default=2, help="torch threads.")
@@ -138,10 +144,12 @@ def perplexities(model, blocks: torch.Tensor, batch_size: int = 4) -> list[float
     return [math.exp(float(x)) for x in total / n_tokens]
 
 
-def bench_model(label, path, args, prompts, ppl_blocks, calibration_batches, exit_layers):
+def bench_model(label, path, args, prompts, ppl_blocks, calibration_batches, exit_layers, exit_vocab=None):
     print(f"\n== {label}: {path}", flush=True)
     kwargs = {} if exit_layers is None else {"exit_layers": exit_layers}
     model = DepthStopLlamaForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+    if exit_vocab is not None:
+        model.set_exit_vocab(exit_vocab)
     stock = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # plain transformers, same weights
     result = {"model": label, "path": path, "exit_layers": model.config.exit_layers}
     if not model.config.calibration:
@@ -154,6 +162,14 @@ def bench_model(label, path, args, prompts, ppl_blocks, calibration_batches, exi
     result["calibration"] = {"table": calibration["table"], "oracle_floor": calibration["oracle_floor"],
                              "target": calibration["target"], "num_tokens": calibration["num_tokens"]}  # fmt: skip
     result["stopping_params"] = model.config.stopping_params
+    result["exit_vocab_size"] = None if model.config.exit_vocab is None else len(model.config.exit_vocab)
+    result["exit_adapter"] = model.config.exit_adapter
+    strict = copy.deepcopy(model)
+    calibrate_lm(strict, calibration_batches, target=args.strict_target, rule="asti")
+    result["strict_calibration"] = {
+        "target": args.strict_target,
+        "row": next(r for r in strict.config.calibration["table"] if r["rule"] == "asti"),
+    }
     t0 = time.perf_counter()
     result["test_perplexity"] = dict(zip(map(str, model.config.exit_layers), perplexities(model, ppl_blocks)))
     print(f"test perplexity per exit layer: {result['test_perplexity']} ({time.perf_counter() - t0:.0f} s)")
@@ -162,12 +178,23 @@ def bench_model(label, path, args, prompts, ppl_blocks, calibration_batches, exi
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=eos_ids[0] if eos_ids else 0)
     draft_layers = args.assistant_early_exit or model.config.exit_layers[0] + 1
+    first = model.config.exit_layers[0]
     modes = {
         "stock": lambda ids: stock.generate(ids, **common),
         "asti": lambda ids: model.generate(ids, return_dict_in_generate=True, **common),
+        f"asti (target {args.strict_target})": lambda ids: strict.generate(ids, return_dict_in_generate=True, **common),
         "lossless": lambda ids: model.generate(
             ids,
             depthstop_mode="lossless",
+            num_draft_tokens=args.num_draft_tokens,
+            return_dict_in_generate=True,
+            **common,
+        ),
+        f"lossless static@{first}": lambda ids: model.generate(
+            ids,
+            depthstop_mode="lossless",
+            stopping_rule="static",
+            stopping_params={"layer": first},
             num_draft_tokens=args.num_draft_tokens,
             return_dict_in_generate=True,
             **common,
@@ -246,6 +273,17 @@ def to_markdown(results: list[dict], args, meta: dict) -> str:
                 f"| {r['model']} | {row['rule']} | {setting} | {row.get('agreement', float('nan')):.3f} | "
                 f"{row.get('mean_exit_layer', float('nan')):.2f} | {row.get('compute_fraction', float('nan')):.3f} |"
             )
+    lines += ["", "Early exits: " + "; ".join(
+        f"{r['model']}: adapter {r['exit_adapter']}, vocabulary {r['exit_vocab_size'] or 'all'} tokens" for r in results
+    ) + ".", ""]
+    lines.append(f"Stricter ASTI calibration (target {args.strict_target}):")
+    lines.append("")
+    for r in results:
+        row = r["strict_calibration"]["row"]
+        lines.append(
+            f"- {r['model']}: cost {row['setting']:.4g}, teacher-forced agreement {row['agreement']:.3f}, "
+            f"mean exit layer {row['mean_exit_layer']:.2f}, compute fraction {row['compute_fraction']:.3f}"
+        )
     lines += ["", f"Run took {meta['seconds']:.0f} s.", ""]
     return "\n".join(lines)
 
@@ -279,8 +317,14 @@ def main(argv=None):
             exit_layers = json.load(f).get("exit_layers")
     else:
         exit_layers = [int(x) for x in DEFAULT_EXIT_LAYERS.split(",")]
+    exit_vocab = None
+    if after is not None:  # the before model predicts over the same early-exit vocabulary
+        with open(os.path.join(after, "config.json")) as f:
+            exit_vocab = json.load(f).get("exit_vocab")
     results = [
-        bench_model("before (SmolLM2-135M)", before, args, prompts, ppl_blocks, calibration_batches, exit_layers)
+        bench_model(
+            "before (SmolLM2-135M)", before, args, prompts, ppl_blocks, calibration_batches, exit_layers, exit_vocab
+        )
     ]
     if after is not None:
         results.append(

@@ -38,8 +38,8 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.utils import logging
 
-from .losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, ScaleGradient, exit_loss_weights, parse_exit_gradient
 from .configuration_common import validate_lm_exit_head_fields
+from .losses import DEFAULT_EXIT_GRADIENT, DepthLossSpec, ScaleGradient, exit_loss_weights, parse_exit_gradient
 from .modeling_outputs import DepthStopCausalLMOutputWithPast, DepthStopGenerateOutput
 from .stopping import asti_features, build_rule, observe, validate_rule
 

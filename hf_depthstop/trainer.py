@@ -14,6 +14,11 @@ from .modelcard import write_model_card
 from .training_args import DepthStopTrainingArguments
 
 
+def _is_exit_parameter(name: str) -> bool:
+    """Whether parameter `name` belongs to an exit's own modules (not the backbone, not the final classifier)."""
+    return "exit_heads." in name or "exit_adapters." in name
+
+
 class DepthStopTrainer(Trainer):
     r"""
     [`Trainer`] that trains every exit of a `DepthStop*` model with the loss of [`DepthStopTrainingArguments`].
@@ -66,6 +71,34 @@ class DepthStopTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The stock optimizer; with `exit_head_learning_rate`, the exits' own parameters (names containing
+        `exit_heads.` or `exit_adapters.`, PEFT copies included) move to groups of their own at that learning rate
+        (the scheduler then scales every group alike)."""
+        optimizer = super().create_optimizer(model)
+        lr = self.args.exit_head_learning_rate
+        if lr is None:
+            return optimizer
+        opt_model = self.model if model is None else model
+        exit_params = {id(p) for n, p in opt_model.named_parameters() if _is_exit_parameter(n)}
+        groups = []
+        for group in optimizer.param_groups:
+            inside = [p for p in group["params"] if id(p) in exit_params]
+            outside = [p for p in group["params"] if id(p) not in exit_params]
+            if outside:
+                groups.append({**group, "params": outside})
+            if inside:
+                groups.append({**group, "params": inside, "lr": lr})
+        if not any(id(p) in exit_params for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError(
+                f"exit_head_learning_rate={lr} was set, but the model has no trainable exit parameters "
+                "(exit_heads.* / exit_adapters.*)"
+            )
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
     def _record(self, training, exit_logits, labels, parts, spec, exit_layers):
         mode = "train" if training else "eval"
         n = labels.shape[0]

@@ -36,7 +36,7 @@ class DepthStopTrainingArguments(TrainingArguments):
 
     > Exit losses
 
-    exit_weighting, early_exit_weight, exit_gradient
+    exit_weighting, early_exit_weight, exit_gradient, exit_head_learning_rate
 
     > The depth regularizer L_depth (total loss = sum_l w_l CE_l + depth_loss_weight * L_depth)
 
@@ -64,6 +64,13 @@ class DepthStopTrainingArguments(TrainingArguments):
             "on frozen features; the backbone gets only the final loss: two-stage training run concurrently) or "
             "equilibrium (gradient equilibrium: rescale each exit's gradient into the shared trunk), or a number alpha "
             "in [0, 1] scaling the early exits' gradient into the backbone (0 = detach, 1 = full).",
+        },
+    )
+    exit_head_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the exits' own parameters (classifier exit heads `exit_heads.*`, LM exit adapters "
+            "`exit_adapters.*`), which start from scratch while the backbone is fine-tuned. None: learning_rate."
         },
     )
     depth_loss_weight: float = field(
@@ -102,6 +109,9 @@ class DepthStopTrainingArguments(TrainingArguments):
             self.use_cpu = True
         super().__post_init__()
         parse_exit_gradient(self.exit_gradient)
+        lr = self.exit_head_learning_rate
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+            raise ValueError(f"exit_head_learning_rate must be a positive number or None, got {lr!r}")
         self.depth_loss_spec()  # validates every loss field, naming the field and value
 
     def depth_loss_spec(self) -> DepthLossSpec:

@@ -433,21 +433,25 @@ def _other_models():
         ), {"pixel_values": (2, 3, 32, 32)}),
         ("llama", "DepthStopLlamaForCausalLM", lambda: hf_depthstop.DepthStopLlamaConfig(
             hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-            vocab_size=97, pad_token_id=0,
-        ), {"input_ids": (2, 8)}),
+            vocab_size=97, pad_token_id=0, exit_adapter="affine", exit_vocab=list(range(0, 97, 3)),
+        ), {"input_ids": (2, 8), "output_exit_logits": True}),
         ("gpt2", "DepthStopGPT2LMHeadModel", lambda: hf_depthstop.DepthStopGPT2Config(
             n_embd=32, n_layer=4, n_head=4, n_positions=64, vocab_size=97, pad_token_id=0, bos_token_id=1,
             eos_token_id=2,
-        ), {"input_ids": (2, 8)}),
+        ), {"input_ids": (2, 8), "output_exit_logits": True}),
     ]
     for name, class_name, make_config, shapes in specs:
         if not hasattr(hf_depthstop, class_name):
             continue
         torch.manual_seed(0)
         model = getattr(hf_depthstop, class_name)(make_config()).eval()
+        with torch.no_grad():  # trained-looking exit adapters (zero when new)
+            for p in getattr(model, "exit_adapters", None) or []:
+                p.weight.normal_(0.0, 0.1)
         g = torch.Generator().manual_seed(1)
         inputs = {
-            key: torch.randint(3, 97, shape, generator=g) if key == "input_ids" else torch.randn(shape, generator=g)
+            key: shape if isinstance(shape, bool)
+            else torch.randint(3, 97, shape, generator=g) if key == "input_ids" else torch.randn(shape, generator=g)
             for key, shape in shapes.items()
         }
         yield name, model, inputs

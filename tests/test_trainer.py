@@ -99,6 +99,7 @@ def test_evaluate_and_predict(tmp_path):
         ({"depth_terms": "stop,halt"}, "depth_terms.*halt"),
         ({"exit_weighting": "cubic"}, "exit_weighting.*cubic"),
         ({"compute_cost": -1.0}, "compute_cost.*-1.0"),
+        ({"exit_head_learning_rate": 0.0}, "exit_head_learning_rate.*0.0"),
     ],
 )
 def test_bad_training_arguments(tmp_path, kwargs, match):
@@ -109,3 +110,28 @@ def test_bad_training_arguments(tmp_path, kwargs, match):
 def test_trainer_requires_depthstop_arguments(tmp_path):
     with pytest.raises(TypeError, match="DepthStopTrainingArguments"):
         DepthStopTrainer(model=_model(), args=TrainingArguments(str(tmp_path), report_to="none", use_cpu=True))
+
+
+def test_exit_head_learning_rate_gives_the_exit_heads_their_own_groups(tmp_path):
+    model = _model()
+    trainer = DepthStopTrainer(
+        model=model, args=_args(tmp_path, exit_head_learning_rate=0.05, weight_decay=0.01),
+        train_dataset=tiny_task(16), data_collator=pad_collator,
+    )
+    optimizer = trainer.create_optimizer()
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    names = dict(model.named_parameters())
+    assert len(lr_of) == len(names)  # every parameter once
+    for name, p in names.items():
+        assert lr_of[id(p)] == (0.05 if name.startswith("exit_heads.") else 1e-3), name
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decay[id(names["exit_heads.0.dense.weight"])] == 0.01 and decay[id(names["exit_heads.0.dense.bias"])] == 0.0
+    trainer.train()  # the scheduler scales both groups: after warm-up-free linear decay both end at 0
+    assert {group["lr"] for group in trainer.optimizer.param_groups} == {0.0}
+    # a model without exit parameters: a clear error instead of a silently ignored setting
+    from hf_depthstop import DepthStopLlamaConfig, DepthStopLlamaForCausalLM
+
+    lm = DepthStopLlamaForCausalLM(DepthStopLlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=32, vocab_size=50))
+    with pytest.raises(ValueError, match="no trainable exit parameters"):
+        DepthStopTrainer(model=lm, args=_args(tmp_path, exit_head_learning_rate=0.05)).create_optimizer()
