@@ -171,7 +171,9 @@ def to_markdown(rows: list[dict], args) -> str:
         "# L_depth ablation on SmolLM2-135M (LoRA, Shakespeare; validation plays only)",
         "",
         f"`python benchmarks/ablation_lm.py --max_steps {args.max_steps} --eval_blocks {args.eval_blocks} "
-        f"--exit_vocab_size {args.exit_vocab_size}`: "
+        f"--exit_vocab_size {args.exit_vocab_size}"
+        + (f" --variants {','.join(args.variants)}" if args.variants != list(VARIANTS) else "")
+        + "`: "
         f"{args.max_steps} LoRA steps of 4 x 128 tokens per variant (a small budget: indicative, one seed), "
         f"{args.eval_blocks} validation blocks; early exits predict over the "
         f"{args.exit_vocab_size or 'whole'} most frequent training tokens. Compute fractions count every exit head "

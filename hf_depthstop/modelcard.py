@@ -152,7 +152,7 @@ def lm_calibration_markdown(calibration: dict, plot: bool) -> str:
         f"Every rule at its calibrated setting on held-out text ({calibration.get('num_tokens')} tokens, teacher "
         "forced; target: agreement >= "
         f"{100 * (1 - float(calibration.get('target', 0.0))):.0f}% with full depth). Mean exit layer 0-based, "
-        "compute = FLOPs used / full model (every evaluated exit pays for the shared LM head).",
+        "compute = FLOPs used / full model (every evaluated exit pays for its head: adapter and LM-head product).",
         "",
         "| rule | setting | token agreement (%) | mean exit layer | compute | FLOPs speed-up |",
         "|---|---|---|---|---|---|",

