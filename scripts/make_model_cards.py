@@ -6,12 +6,12 @@
     python scripts/make_model_cards.py --model_dirs outputs/quickstart --output_dir model_cards
 
 Each card is rendered by `hf_depthstop.modelcard.write_model_card` from the saved config (exits, rule, calibration
-table, plot) and the folder's `depthstop_results.json` (the recipe's measured test tables). Re-running keeps any
-prose written by hand into `model_cards/<name>/README.md`.
+table, plot) and the folder's `depthstop_results.json` (the recipe's measured test tables). A new card starts with
+the reference model's description below; re-running keeps any prose written by hand into
+`model_cards/<name>/README.md`.
 """
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -103,8 +103,6 @@ def main(argv=None) -> list[Path]:
         config = AutoConfig.from_pretrained(folder)
         card_dir = Path(args.output_dir) / name
         card_dir.mkdir(parents=True, exist_ok=True)
-        if not (card_dir / "README.md").exists() and (folder / "README.md").exists():
-            shutil.copyfile(folder / "README.md", card_dir / "README.md")  # start from the saved card's prose
         readme = write_model_card(
             config, card_dir, repo_id=f"{args.repo_prefix}/{name}", measured=load_measured(folder),
             **REFERENCE_MODELS.get(name, {}),
