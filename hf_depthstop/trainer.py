@@ -70,7 +70,6 @@ class DepthStopTrainer(Trainer):
         self._record(model.training, outputs.exit_logits.detach(), labels, parts, spec, config.exit_layers)
         return (loss, outputs) if return_outputs else loss
 
-    @torch.no_grad()
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """The stock optimizer; with `exit_head_learning_rate`, the exits' own parameters (names containing
         `exit_heads.` or `exit_adapters.`, PEFT copies included) move to groups of their own at that learning rate
@@ -80,7 +79,12 @@ class DepthStopTrainer(Trainer):
         if lr is None:
             return optimizer
         opt_model = self.model if model is None else model
-        exit_params = {id(p) for n, p in opt_model.named_parameters() if _is_exit_parameter(n)}
+        exit_params = {id(p) for n, p in opt_model.named_parameters() if p.requires_grad and _is_exit_parameter(n)}
+        if not exit_params:
+            raise ValueError(
+                f"exit_head_learning_rate={lr} was set, but the model has no trainable exit parameters "
+                "(exit_heads.* / exit_adapters.*)"
+            )
         groups = []
         for group in optimizer.param_groups:
             inside = [p for p in group["params"] if id(p) in exit_params]
@@ -89,16 +93,12 @@ class DepthStopTrainer(Trainer):
                 groups.append({**group, "params": outside})
             if inside:
                 groups.append({**group, "params": inside, "lr": lr})
-        if not any(id(p) in exit_params for group in optimizer.param_groups for p in group["params"]):
-            raise ValueError(
-                f"exit_head_learning_rate={lr} was set, but the model has no trainable exit parameters "
-                "(exit_heads.* / exit_adapters.*)"
-            )
         optimizer.param_groups.clear()
         for group in groups:
             optimizer.add_param_group(group)
         return optimizer
 
+    @torch.no_grad()
     def _record(self, training, exit_logits, labels, parts, spec, exit_layers):
         mode = "train" if training else "eval"
         n = labels.shape[0]
