@@ -263,21 +263,18 @@ class DepthStopCausalLMMixin:
         """C_k per exit for one decoded token when every head up to exit k runs: shape `(num_exits,)`, float64.
         Per-token FLOPs (projections and MLP; attention over the cache ignored), full model = all layers + 1 head;
         early heads cost what [`exit_head_flops`] says (less with `exit_vocab`)."""
-        layer_f, head_f = self._ds_flops()
-        full = self.config.num_hidden_layers * layer_f + head_f
-        heads = np.cumsum(self.exit_head_flops())
-        return torch.tensor(
-            [((layer + 1) * layer_f + heads[k]) / full for k, layer in enumerate(self.config.exit_layers)],
-            dtype=torch.float64,
-        )
+        return self._compute_fractions(np.cumsum(self.exit_head_flops()))
 
     def single_exit_compute_fractions(self) -> torch.Tensor:
         """C_k when only exit k's head runs (rule `static`, or `none` at the last exit): `(num_exits,)`, float64."""
+        return self._compute_fractions(self.exit_head_flops())
+
+    def _compute_fractions(self, head_flops) -> torch.Tensor:
+        """(layers up to exit k + `head_flops[k]`) / full model, per exit: `(num_exits,)`, float64."""
         layer_f, head_f = self._ds_flops()
         full = self.config.num_hidden_layers * layer_f + head_f
-        heads = self.exit_head_flops()
         return torch.tensor(
-            [((layer + 1) * layer_f + heads[k]) / full for k, layer in enumerate(self.config.exit_layers)],
+            [((layer + 1) * layer_f + head_flops[k]) / full for k, layer in enumerate(self.config.exit_layers)],
             dtype=torch.float64,
         )
 

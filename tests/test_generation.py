@@ -8,18 +8,14 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from hf_depthstop import (
-    DepthStopGPT2Config,
-    DepthStopGPT2LMHeadModel,
-    DepthStopLlamaConfig,
-    DepthStopLlamaForCausalLM,
-    calibrate_lm,
-)
+from hf_depthstop import DepthStopGPT2LMHeadModel, DepthStopLlamaForCausalLM, calibrate_lm
 from hf_depthstop.data import smollm2_checkpoint_path
 
+from .testing_utils import TINY_LM_PROMPT as PROMPT
+from .testing_utils import TINY_LM_VOCAB as VOCAB
+from .testing_utils import damp_last_layers, left_padded, median_threshold, tiny_lm_config
 
-VOCAB = 97
-PROMPT = 7
+
 ARCHS = ("llama", "gpt2")
 
 
@@ -27,42 +23,15 @@ def make_models(arch: str, seed: int = 0, init: float = 0.3, damp_last: float | 
     """(ours, stock) with the same random weights. `init` > the usual 0.02 gives peaked next-token distributions,
     so confidence rules fire; `damp_last` scales the last two layers' output projections (exits then agree often)."""
     torch.manual_seed(seed)
+    config = tiny_lm_config(arch, init=init, **overrides)
     if arch == "llama":
-        config = DepthStopLlamaConfig(
-            hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-            vocab_size=VOCAB, pad_token_id=0, bos_token_id=None, eos_token_id=None, initializer_range=init,
-            **overrides,
-        )
         ours, stock = DepthStopLlamaForCausalLM(config), LlamaForCausalLM(config)
     else:
-        config = DepthStopGPT2Config(
-            n_embd=32, n_layer=4, n_head=4, vocab_size=VOCAB, n_positions=64, pad_token_id=0, bos_token_id=None,
-            eos_token_id=None, initializer_range=init, **overrides,
-        )
         ours, stock = DepthStopGPT2LMHeadModel(config), GPT2LMHeadModel(config)
     if damp_last is not None:
-        with torch.no_grad():
-            for name, p in ours.named_parameters():
-                if any(f".{i}." in name for i in (2, 3)) and any(s in name for s in ("o_proj", "down_proj", "c_proj")):
-                    p.mul_(damp_last)
+        damp_last_layers(ours, damp_last)
     stock.load_state_dict(ours.state_dict())
     return ours.eval(), stock.eval()
-
-
-def left_padded(batch: int = 3, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, PROMPT), generator=g)
-    mask = torch.ones_like(ids)
-    for i in range(1, batch):
-        mask[i, : 2 * i - 1] = 0
-    return ids * mask, mask
-
-
-def median_threshold(model, ids, mask) -> float:
-    """A confidence threshold at the median max prob of the first exit: some tokens exit there, some go on."""
-    with torch.no_grad():
-        out = model(ids, attention_mask=mask, output_exit_logits=True)
-    return float(out.exit_logits[:, :, 0].softmax(-1).amax(-1)[mask.bool()].median())
 
 
 GREEDY = {"max_new_tokens": 12, "do_sample": False, "return_dict_in_generate": True, "output_logits": True}

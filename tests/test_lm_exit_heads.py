@@ -10,33 +10,19 @@ from huggingface_hub.errors import StrictDataclassFieldValidationError
 from peft import get_peft_model
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-from hf_depthstop import (
-    DepthStopGPT2Config,
-    DepthStopGPT2LMHeadModel,
-    DepthStopLlamaConfig,
-    DepthStopLlamaForCausalLM,
-    calibrate_lm,
-    exit_vocab_from_corpus,
-)
+from hf_depthstop import DepthStopGPT2LMHeadModel, DepthStopLlamaForCausalLM, calibrate_lm, exit_vocab_from_corpus
 from hf_depthstop.losses import DepthLossSpec
 from hf_depthstop.peft_utils import load_adapter, lora_config, save_adapter
 
+from .testing_utils import TINY_LM_PROMPT as PROMPT
+from .testing_utils import TINY_LM_VOCAB as VOCAB
+from .testing_utils import damp_last_layers, left_padded, median_threshold
+from .testing_utils import tiny_lm_config as tiny_config
 
-VOCAB = 97
-PROMPT = 7
+
 ARCHS = ("llama", "gpt2")
 EXIT_VOCAB = list(range(0, VOCAB, 2))  # 49 of the 97 tokens
 GREEDY = {"max_new_tokens": 12, "do_sample": False, "return_dict_in_generate": True, "output_logits": True}
-
-
-def tiny_config(arch: str, init: float = 0.3, **overrides):
-    common = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": None, "eos_token_id": None}
-    if arch == "llama":
-        return DepthStopLlamaConfig(
-            hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-            initializer_range=init, **common, **overrides,
-        )
-    return DepthStopGPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=64, initializer_range=init, **common, **overrides)
 
 
 MODEL = {"llama": DepthStopLlamaForCausalLM, "gpt2": DepthStopGPT2LMHeadModel}
@@ -52,10 +38,8 @@ def make_model(arch: str, seed: int = 0, adapter_scale: float = 0.2, damp_last: 
         for adapter in model.exit_adapters or []:
             adapter.weight.normal_(0.0, adapter_scale)
             adapter.bias.normal_(0.0, adapter_scale)
-        if damp_last is not None:
-            for name, p in model.named_parameters():
-                if any(f".{i}." in name for i in (2, 3)) and any(s in name for s in ("o_proj", "down_proj", "c_proj")):
-                    p.mul_(damp_last)
+    if damp_last is not None:
+        damp_last_layers(model, damp_last)
     return model.eval()
 
 
@@ -65,21 +49,6 @@ def stock_copy(arch: str, model):
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("exit_adapters.")}
     stock.load_state_dict(state)
     return stock.eval()
-
-
-def left_padded(batch: int = 3, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, PROMPT), generator=g)
-    mask = torch.ones_like(ids)
-    for i in range(1, batch):
-        mask[i, : 2 * i - 1] = 0
-    return ids * mask, mask
-
-
-def median_threshold(model, ids, mask) -> float:
-    with torch.no_grad():
-        out = model(ids, attention_mask=mask, output_exit_logits=True)
-    return float(out.exit_logits[:, :, 0].softmax(-1).amax(-1)[mask.bool()].median())
 
 
 # ----------------------------------------------------------------------------------------------------------------

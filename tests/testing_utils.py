@@ -7,6 +7,8 @@ import torch
 from hf_depthstop import (
     DepthStopBertConfig,
     DepthStopBertForSequenceClassification,
+    DepthStopGPT2Config,
+    DepthStopLlamaConfig,
     DepthStopTrainer,
     DepthStopTrainingArguments,
 )
@@ -85,3 +87,51 @@ def tiny_image_task(n: int, seed: int = 0, image_size: int = 16, num_channels: i
     for i, (y, c) in enumerate(zip(labels.tolist(), contrast.tolist())):
         images[i, :, y * band : (y + 1) * band] += c
     return datasets.Dataset.from_dict({"pixel_values": images.numpy(), "label": labels.tolist()})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny decoder LMs (generation tests)
+# ----------------------------------------------------------------------------------------------------------------
+TINY_LM_VOCAB = 97
+TINY_LM_PROMPT = 7
+
+
+def tiny_lm_config(arch: str, init: float = 0.3, **overrides):
+    """A 4-layer, width-32 `DepthStopLlamaConfig` (`arch="llama"`) or `DepthStopGPT2Config` (`"gpt2"`) over
+    `TINY_LM_VOCAB` tokens, pad 0, no BOS / EOS. `init` > the usual 0.02 gives peaked next-token distributions, so
+    confidence rules fire."""
+    common = {"vocab_size": TINY_LM_VOCAB, "pad_token_id": 0, "bos_token_id": None, "eos_token_id": None}
+    if arch == "llama":
+        return DepthStopLlamaConfig(
+            hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+            initializer_range=init, **common, **overrides,
+        )
+    return DepthStopGPT2Config(
+        n_embd=32, n_layer=4, n_head=4, n_positions=64, initializer_range=init, **common, **overrides
+    )
+
+
+@torch.no_grad()
+def damp_last_layers(model, factor: float) -> None:
+    """Scale the output projections of layers 2 and 3 of a tiny LM by `factor`: late layers then change the prediction
+    little, so early exits agree with the final one often."""
+    for name, p in model.named_parameters():
+        if any(f".{i}." in name for i in (2, 3)) and any(s in name for s in ("o_proj", "down_proj", "c_proj")):
+            p.mul_(factor)
+
+
+def left_padded(batch: int = 3, seed: int = 0):
+    """`(input_ids, attention_mask)`, both `(batch, TINY_LM_PROMPT)`: random prompts, row i left-padded by 2i - 1."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, TINY_LM_VOCAB, (batch, TINY_LM_PROMPT), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(1, batch):
+        mask[i, : 2 * i - 1] = 0
+    return ids * mask, mask
+
+
+def median_threshold(model, ids, mask) -> float:
+    """A confidence threshold at the median max prob of the first exit: some tokens exit there, some go on."""
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_exit_logits=True)
+    return float(out.exit_logits[:, :, 0].softmax(-1).amax(-1)[mask.bool()].median())
